@@ -13,7 +13,7 @@ import numpy as np
 
 from . import _api
 
-__all__ = ["scale", "trust_ratio", "__version__"]
+__all__ = ["__version__", "scale", "trust_ratio"]
 
 __version__ = version("lars_numba")
 

@@ -42,7 +42,7 @@ def hyperparameters(threshold: float, weight_decay: float, eps: float) -> Hyperp
 
 
 def _check_array(name: str, array: object) -> None:
-    if not isinstance(array, np.ndarray) or isinstance(array, np.ma.MaskedArray):
+    if not accepts(array):
         raise TypeError(f"{name} must be a NumPy array; got {type(array).__name__}")
     if array.dtype not in _FLOAT_DTYPES:
         raise TypeError(
@@ -61,6 +61,11 @@ def check_pair(w: object, g: object, *, writes_g: bool) -> None:
         raise ValueError(f"g must have the shape of w, {w.shape}; got {g.shape}")
     if writes_g and not g.flags.writeable:
         raise ValueError("g must be writeable; got a read-only array")
+
+
+def accepts(array: object) -> bool:
+    """Whether ``array`` is of a kind the kernels can take (its dtype aside)."""
+    return isinstance(array, np.ndarray) and not isinstance(array, np.ma.MaskedArray)
 
 
 def kernel_view(array: np.ndarray) -> np.ndarray:

@@ -1,0 +1,18 @@
+"""``python -m lars_numba {demo,bench}``: the training demo or the benchmark table."""
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("demo", "bench"):
+        sys.exit("usage: python -m lars_numba {demo,bench} [options]")
+    if argv[0] == "demo":
+        from .demo import main as run
+    else:
+        from .bench import main as run
+    run(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

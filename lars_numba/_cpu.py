@@ -6,7 +6,7 @@ millions of terms, while a float64 accumulator costs nothing on a memory-bound
 loop. The update is computed in float64 and rounded once to the array's dtype.
 
 Numba has no float16 arithmetic on the CPU, so float16 arrays arrive here as
-their ``uint16`` bit patterns and ``load``/``store`` convert them exactly
+their ``uint16`` bit patterns and ``load``/``encode`` convert them exactly
 (round half to even, like NumPy's ``astype``).
 
 Compile options, chosen once here for every kernel:
@@ -98,8 +98,8 @@ def load(x):
     """An element of an input array, as float64."""
 
 
-def store(array, index, value):
-    """Round the float64 ``value`` to ``array``'s dtype and write it at ``index``."""
+def encode(value, array):
+    """The float64 ``value`` rounded to what ``array`` holds, ready to assign."""
 
 
 @overload(load, inline="always")
@@ -109,19 +109,11 @@ def _load(x):
     return lambda x: np.float64(x)
 
 
-@overload(store, inline="always")
-def _store(array, index, value):
+@overload(encode, inline="always")
+def _encode(value, array):
     if array.dtype == types.uint16:
-
-        def store_half(array, index, value):
-            array[index] = float_to_half_bits(value)
-
-        return store_half
-
-    def store_float(array, index, value):
-        array[index] = value
-
-    return store_float
+        return lambda value, array: float_to_half_bits(value)
+    return lambda value, array: value
 
 
 # -- the scalar rule -----------------------------------------------------------
@@ -157,7 +149,7 @@ def _sum_squares_range(w, g, start, stop):
 @njit(inline="always", **_OPTIONS)
 def _apply_rate_range(w, g, rate, weight_decay, start, stop):
     for i in range(start, stop):
-        store(g, i, rate * (load(g[i]) + weight_decay * load(w[i])))
+        g[i] = encode(rate * (load(g[i]) + weight_decay * load(w[i])), g)
 
 
 # -- kernels over 1-d views ----------------------------------------------------
@@ -224,7 +216,7 @@ def scale_nd(w, g, hyper):
     """:func:`scale_flat` for n-d arrays of any strides."""
     rate = trust_ratio_nd(w, g, hyper)
     for wi, gi in np.nditer((w, g)):
-        store(gi, (), rate * (load(gi.item()) + hyper.weight_decay * load(wi.item())))
+        gi[()] = encode(rate * (load(gi.item()) + hyper.weight_decay * load(wi.item())), gi)
     return rate
 
 

@@ -37,12 +37,7 @@ _OPTIONS = {
 #: Arrays with fewer elements than this run serially: below it, waking the
 #: thread pool costs more than it saves (measured by ``python -m lars_numba.bench
 #: --cutoff``; see the README).
-PARALLEL_MIN_SIZE = 1 << 17
-
-#: Elements per chunk in the parallel kernels. A fixed chunk size, rather than
-#: one chunk per thread, makes the summation order, and so the result,
-#: independent of the number of threads.
-CHUNK_SIZE = 1 << 16
+PARALLEL_MIN_SIZE = 1 << 16
 
 # Numba's default ``workqueue`` threading layer aborts the process when two
 # threads enter parallel kernels at once, so only one thread at a time may
@@ -118,81 +113,63 @@ def _encode(value, array):
 
 # -- the scalar rule -----------------------------------------------------------
 #
-# ``hyper`` is the ``Hyperparameters`` named tuple of ``_api``: a LARS variant
-# adds a field there and a branch here, and every kernel carries it unchanged.
+# ``hyper`` is the tuple ``_api.HYPERPARAMETERS`` describes: a LARS variant
+# adds an entry there and a branch here, and every kernel carries it unchanged.
 
 
 @njit(**_OPTIONS)
 def rate_from_sums(w_sq, g_sq, hyper):
     """``||w|| / (eps + ||g|| + weight_decay * ||w||)`` if ``||w|| > threshold`` else 1."""
+    threshold, weight_decay, eps = hyper
     w_norm = math.sqrt(w_sq)
-    if w_norm > hyper.threshold:
-        return w_norm / (hyper.eps + math.sqrt(g_sq) + hyper.weight_decay * w_norm)
+    if w_norm > threshold:
+        return w_norm / (eps + math.sqrt(g_sq) + weight_decay * w_norm)
     return 1.0
 
 
-# -- loop bodies shared by the serial and parallel kernels ---------------------
-
-
 @njit(inline="always", **_OPTIONS)
-def _sum_squares_range(w, g, start, stop):
-    w_sq = 0.0
-    g_sq = 0.0
-    for i in range(start, stop):
-        wi = load(w[i])
-        gi = load(g[i])
-        w_sq += wi * wi
-        g_sq += gi * gi
-    return w_sq, g_sq
-
-
-@njit(inline="always", **_OPTIONS)
-def _apply_rate_range(w, g, rate, weight_decay, start, stop):
-    for i in range(start, stop):
-        g[i] = encode(rate * (load(g[i]) + weight_decay * load(w[i])), g)
+def weight_decay_of(hyper):
+    """The weight decay in ``hyper``."""
+    return hyper[1]
 
 
 # -- kernels over 1-d views ----------------------------------------------------
 
 
-@njit(**_OPTIONS)
-def trust_ratio_flat(w, g, hyper):
-    """The rate for 1-d ``w`` and ``g``, reading each once."""
-    return rate_from_sums(*_sum_squares_range(w, g, 0, w.shape[0]), hyper)
+def _flat_kernels(parallel: bool):
+    """The 1-d kernels, serial or on all threads: one source, two compilations.
+
+    ``prange`` is ``range`` when ``parallel`` is off, but Numba's cache keys a
+    function by its bytecode and closure, not by its compile options, so the
+    loop function is a closure variable to keep the two variants apart.
+    """
+    loop = prange if parallel else range
+    jit = njit(parallel=parallel, **_OPTIONS)
+
+    @jit
+    def trust_ratio_flat(w, g, hyper):
+        """The rate for 1-d ``w`` and ``g``: both sums of squares in one pass."""
+        w_sq = 0.0
+        g_sq = 0.0
+        for i in loop(w.shape[0]):
+            w_value = load(w[i])
+            g_value = load(g[i])
+            w_sq += w_value * w_value
+            g_sq += g_value * g_value
+        return rate_from_sums(w_sq, g_sq, hyper)
+
+    @jit
+    def apply_rate_flat(w, g, rate, hyper):
+        """``g <- rate * (g + weight_decay * w)`` for 1-d ``w`` and ``g``."""
+        weight_decay = weight_decay_of(hyper)
+        for i in loop(w.shape[0]):
+            g[i] = encode(rate * (load(g[i]) + weight_decay * load(w[i])), g)
+
+    return trust_ratio_flat, apply_rate_flat
 
 
-@njit(**_OPTIONS)
-def scale_flat(w, g, hyper):
-    """``g <- rate * (g + weight_decay * w)`` for 1-d ``w`` and ``g``; returns the rate."""
-    rate = trust_ratio_flat(w, g, hyper)
-    _apply_rate_range(w, g, rate, hyper.weight_decay, 0, w.shape[0])
-    return rate
-
-
-@njit(parallel=True, **_OPTIONS)
-def trust_ratio_flat_parallel(w, g, hyper):
-    """:func:`trust_ratio_flat` over fixed-size chunks on all threads."""
-    size = w.shape[0]
-    chunks = (size + CHUNK_SIZE - 1) // CHUNK_SIZE
-    partial = np.empty((chunks, 2))
-    for chunk in prange(chunks):
-        start = chunk * CHUNK_SIZE
-        stop = min(start + CHUNK_SIZE, size)
-        partial[chunk, 0], partial[chunk, 1] = _sum_squares_range(w, g, start, stop)
-    return rate_from_sums(partial[:, 0].sum(), partial[:, 1].sum(), hyper)
-
-
-@njit(parallel=True, **_OPTIONS)
-def scale_flat_parallel(w, g, hyper):
-    """:func:`scale_flat` over fixed-size chunks on all threads."""
-    rate = trust_ratio_flat_parallel(w, g, hyper)
-    size = w.shape[0]
-    chunks = (size + CHUNK_SIZE - 1) // CHUNK_SIZE
-    for chunk in prange(chunks):
-        start = chunk * CHUNK_SIZE
-        stop = min(start + CHUNK_SIZE, size)
-        _apply_rate_range(w, g, rate, hyper.weight_decay, start, stop)
-    return rate
+trust_ratio_flat, apply_rate_flat = _flat_kernels(parallel=False)
+trust_ratio_flat_parallel, apply_rate_flat_parallel = _flat_kernels(parallel=True)
 
 
 # -- kernels over n-d arrays whose layouts do not flatten alike ----------------
@@ -212,12 +189,11 @@ def trust_ratio_nd(w, g, hyper):
 
 
 @njit(**_OPTIONS)
-def scale_nd(w, g, hyper):
-    """:func:`scale_flat` for n-d arrays of any strides."""
-    rate = trust_ratio_nd(w, g, hyper)
+def apply_rate_nd(w, g, rate, hyper):
+    """:func:`apply_rate_flat` for n-d arrays of any strides."""
+    weight_decay = weight_decay_of(hyper)
     for wi, gi in np.nditer((w, g)):
-        gi[()] = encode(rate * (load(gi.item()) + hyper.weight_decay * load(wi.item())), gi)
-    return rate
+        gi[()] = encode(rate * (load(gi.item()) + weight_decay * load(wi.item())), gi)
 
 
 # -- drivers: pick the kernel for the arrays' size and layout ------------------
@@ -233,23 +209,36 @@ def flat_views(w, g):
     return None
 
 
-def _dispatch(serial, parallel, nd, w, g, hyper):
+_SERIAL = (trust_ratio_flat, apply_rate_flat)
+_PARALLEL = (trust_ratio_flat_parallel, apply_rate_flat_parallel)
+_ND = (trust_ratio_nd, apply_rate_nd)
+
+
+def _run(kernels, w, g, hyper, update):
+    trust_ratio_kernel, apply_rate_kernel = kernels
+    rate = trust_ratio_kernel(w, g, hyper)
+    if update:
+        apply_rate_kernel(w, g, rate, hyper)
+    return rate
+
+
+def _pick_and_run(w, g, hyper, update):
     flat = flat_views(w, g)
     if flat is None:
-        return nd(w, g, hyper)
+        return _run(_ND, w, g, hyper, update)
     if flat[0].shape[0] >= PARALLEL_MIN_SIZE and _parallel_slot.acquire(blocking=False):
         try:
-            return parallel(*flat, hyper)
+            return _run(_PARALLEL, *flat, hyper, update)
         finally:
             _parallel_slot.release()
-    return serial(*flat, hyper)
+    return _run(_SERIAL, *flat, hyper, update)
 
 
-def trust_ratio(w, g, hyper):
+def trust_ratio(w, g, hyper) -> float:
     """The rate for two validated arrays of one shape and dtype."""
-    return _dispatch(trust_ratio_flat, trust_ratio_flat_parallel, trust_ratio_nd, w, g, hyper)
+    return _pick_and_run(w, g, hyper, update=False)
 
 
-def scale(w, g, hyper):
+def scale(w, g, hyper) -> float:
     """Scale ``g`` in place for two validated arrays; returns the rate."""
-    return _dispatch(scale_flat, scale_flat_parallel, scale_nd, w, g, hyper)
+    return _pick_and_run(w, g, hyper, update=True)

@@ -84,7 +84,7 @@ def test_scale_and_trust_ratio_match_the_oracle_on_any_layout(pair, hyper, oracl
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("size", [1, 31, 1000, 3 * _cpu.CHUNK_SIZE + 7])
+@pytest.mark.parametrize("size", [1, 31, 1000, 2 * _cpu.PARALLEL_MIN_SIZE + 7])
 def test_contiguous_sizes_match_the_oracle(dtype, size, oracle):
     rng = np.random.default_rng(size)
     w = rng.standard_normal(size).astype(dtype)
@@ -158,8 +158,9 @@ def test_parallel_kernels_match_the_oracle_and_the_serial_ones(oracle):
     hyper = lars_numba._api.hyperparameters(1e-2, 1e-4, 1e-9)
     rate, expected = oracle(w, g, weight_decay=1e-4)
     serial, parallel = g.copy(), g.copy()
-    assert _cpu.scale_flat(w, serial, hyper) == pytest.approx(rate, rel=1e-12)
-    assert _cpu.scale_flat_parallel(w, parallel, hyper) == pytest.approx(rate, rel=1e-12)
+    for (trust_ratio, apply_rate), result in [(_cpu._SERIAL, serial), (_cpu._PARALLEL, parallel)]:
+        assert trust_ratio(w, result, hyper) == pytest.approx(rate, rel=1e-12)
+        apply_rate(w, result, rate, hyper)
     assert_matches_oracle(parallel, expected, np.float32)
     np.testing.assert_allclose(parallel, serial, rtol=2e-7)
 
@@ -176,7 +177,7 @@ cases = [rng.standard_normal((2, size)).astype(np.float32) for _ in range(4)]
 expected = [g.copy() for _, g in cases]
 hyper = _api.hyperparameters(1e-2, 1e-4, 1e-9)
 for (w, _), want in zip(cases, expected):
-    _cpu.scale_flat(w, want, hyper)
+    _cpu.apply_rate_flat(w, want, _cpu.trust_ratio_flat(w, want, hyper), hyper)
 barrier = threading.Barrier(len(cases))
 
 def work(w, g):

@@ -1,0 +1,226 @@
+"""The side-by-side benchmark table: ``python -m lars_numba.bench``.
+
+Every row is measured in one run, the candidates interleaved round by round,
+so that a noisy neighbour slows them all alike; the table shows the median
+time per call and the ratios between candidates. Chainer's hook is a
+candidate only where chainer is installed.
+
+The floor is the time to move the bytes the update must move, five passes
+of ``N * itemsize`` (read ``w`` and ``g`` for the norms, read them again and
+write ``g``), at the best triad bandwidth measured here with the thread count
+that ``scale`` uses at that size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+import lars_numba
+
+from . import _api, _cpu
+
+SIZES = (64, 1_000, 10_000, 100_000, 1_000_000, 10_000_000, 50_000_000)
+WEIGHT_DECAY = 1e-4
+
+
+@njit(nogil=True)
+def _triad_serial(a, b, c, s):
+    for i in range(a.shape[0]):
+        a[i] = b[i] + s * c[i]
+
+
+@njit(nogil=True, parallel=True)
+def _triad_parallel(a, b, c, s):
+    for i in prange(a.shape[0]):
+        a[i] = b[i] + s * c[i]
+
+
+def triad_bandwidth(parallel: bool, size: int = 1 << 25, repeats: int = 10) -> float:
+    """The best STREAM-triad bandwidth in bytes per second (three passes per call)."""
+    a, b, c = (np.full(size, value, dtype=np.float32) for value in (0.0, 1.0, 2.0))
+    triad = _triad_parallel if parallel else _triad_serial
+    triad(a, b, c, 3.0)
+    best = min(_seconds(lambda: triad(a, b, c, 3.0)) for _ in range(repeats))
+    return 3 * a.nbytes / best
+
+
+def _seconds(call: Callable[[], object], calls: int = 1) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    return (time.perf_counter() - start) / calls
+
+
+def _calls_per_sample(call: Callable[[], object], target: float = 0.02) -> int:
+    """How many calls fill about ``target`` seconds, so timer resolution does not matter."""
+    once = _seconds(call)
+    return max(1, min(100_000, int(target / max(once, 1e-9))))
+
+
+def interleaved(candidates: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds per call of each candidate, timed in turn each round."""
+    calls = {name: _calls_per_sample(call) for name, call in candidates.items()}
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, call in candidates.items():
+            samples[name].append(_seconds(call, calls[name]))
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def numpy_lars(w: np.ndarray, g: np.ndarray, threshold=1e-2, weight_decay=0.0, eps=1e-9) -> None:
+    """The rule in plain NumPy, as Chainer computes it without its own overhead."""
+    w_norm = np.linalg.norm(w)
+    g_norm = np.linalg.norm(g)
+    local_rate = w_norm / (eps + g_norm + weight_decay * w_norm)
+    rate = np.where(w_norm > threshold, local_rate, 1.0)
+    g += weight_decay * w
+    g *= rate
+
+
+def chainer_hook_call(w: np.ndarray, g: np.ndarray) -> Callable[[], object] | None:
+    """A call of Chainer's own hook on a parameter holding ``w`` and ``g``, if chainer imports."""
+    try:
+        import chainer
+    except ImportError:
+        return None
+    param = chainer.Parameter(w)
+    param.grad = g
+    hook = chainer.optimizer_hooks.GradientLARS(weight_decay=WEIGHT_DECAY)
+    return lambda: hook(None, param)
+
+
+def scale_rows(sizes, rounds: int) -> list[dict[str, float]]:
+    """One row per size: seconds per call of each candidate and the floor."""
+    bandwidth = {False: triad_bandwidth(False), True: triad_bandwidth(True)}
+    rows = []
+    for size in sizes:
+        rng = np.random.default_rng(size)
+        w = rng.standard_normal(size, dtype=np.float32)
+        g = rng.standard_normal(size, dtype=np.float32)
+        candidates = {
+            "numpy": lambda: numpy_lars(w, g, weight_decay=WEIGHT_DECAY),
+            "lars_numba": lambda: lars_numba.scale(w, g, weight_decay=WEIGHT_DECAY),
+        }
+        chainer_call = chainer_hook_call(w, g)
+        if chainer_call is not None:
+            candidates = {"chainer": chainer_call, **candidates}
+        times = interleaved(candidates, rounds if size < 10_000_000 else 3)
+        threads = size >= _cpu.PARALLEL_MIN_SIZE
+        times["floor"] = 5 * w.nbytes / bandwidth[threads]
+        rows.append({"N": size, "threads": numba.get_num_threads() if threads else 1, **times})
+        del w, g
+    return rows, bandwidth
+
+
+def _format_table(rows: list[dict[str, float]]) -> str:
+    has_chainer = "chainer" in rows[0]
+    header = f"{'N':>10} {'thr':>3}"
+    if has_chainer:
+        header += f" {'chainer us':>11}"
+    header += f" {'numpy us':>10} {'lars us':>9} {'floor us':>9}"
+    if has_chainer:
+        header += f" {'chainer/lars':>12}"
+    header += f" {'numpy/lars':>10} {'lars/floor':>10}"
+    lines = [header]
+    for row in rows:
+        line = f"{row['N']:>10} {row['threads']:>3}"
+        if has_chainer:
+            line += f" {row['chainer'] * 1e6:>11.2f}"
+        line += (
+            f" {row['numpy'] * 1e6:>10.2f} {row['lars_numba'] * 1e6:>9.2f}"
+            f" {row['floor'] * 1e6:>9.2f}"
+        )
+        if has_chainer:
+            line += f" {row['chainer'] / row['lars_numba']:>12.2f}"
+        line += (
+            f" {row['numpy'] / row['lars_numba']:>10.2f}"
+            f" {row['lars_numba'] / row['floor']:>10.2f}"
+        )
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def cutoff_rows(sizes, rounds: int) -> list[tuple[int, float, float]]:
+    """Seconds per call of the serial and the parallel ``scale`` kernel at each size."""
+    hyper = _api.hyperparameters(1e-2, WEIGHT_DECAY, 1e-9)
+    rows = []
+    for size in sizes:
+        rng = np.random.default_rng(size)
+        w = rng.standard_normal(size, dtype=np.float32)
+        g = rng.standard_normal(size, dtype=np.float32)
+        times = interleaved(
+            {
+                "serial": lambda: _cpu._run(_cpu._SERIAL, w, g, hyper, True),
+                "parallel": lambda: _cpu._run(_cpu._PARALLEL, w, g, hyper, True),
+            },
+            rounds,
+        )
+        rows.append((size, times["serial"], times["parallel"]))
+    return rows
+
+
+_FIRST_CALL = (
+    "import time; start = time.perf_counter()\n"
+    "import numpy as np, lars_numba\n"
+    "lars_numba.scale(np.ones(64, np.float32), np.ones(64, np.float32))\n"
+    "print(time.perf_counter() - start)\n"
+)
+
+
+def first_call_seconds(cache_dir: str) -> float:
+    """Import and first ``scale`` call in a new process, with ``cache_dir`` as Numba's cache."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": cache_dir}
+    done = subprocess.run(
+        [sys.executable, "-c", _FIRST_CALL], env=env, capture_output=True, text=True, check=True
+    )
+    return float(done.stdout)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lars_numba bench", description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=SIZES)
+    parser.add_argument("--rounds", type=int, default=7, help="samples per candidate")
+    parser.add_argument(
+        "--cutoff", action="store_true", help="time the serial and parallel kernels instead"
+    )
+    args = parser.parse_args(argv)
+
+    print(
+        f"lars_numba {lars_numba.__version__}, numba {numba.__version__}, "
+        f"numpy {np.__version__}, {os.cpu_count()} cores, "
+        f"{numba.get_num_threads()} numba threads ({numba.config.THREADING_LAYER} layer)"
+    )
+    if args.cutoff:
+        print(f"{'N':>10} {'serial us':>10} {'parallel us':>12} {'serial/parallel':>16}")
+        for size, serial, parallel in cutoff_rows(args.sizes, args.rounds):
+            print(f"{size:>10} {serial * 1e6:>10.2f} {parallel * 1e6:>12.2f} {serial / parallel:>16.2f}")
+        print(f"current cut-off: PARALLEL_MIN_SIZE = {_cpu.PARALLEL_MIN_SIZE}")
+        return
+
+    with tempfile.TemporaryDirectory() as cache_dir:
+        cold = first_call_seconds(cache_dir)
+        warm = first_call_seconds(cache_dir)
+    print(f"import + first scale() call: {cold:.2f} s with a cold cache, {warm:.2f} s warm")
+
+    rows, bandwidth = scale_rows(args.sizes, args.rounds)
+    print(
+        f"scale(w, g, weight_decay={WEIGHT_DECAY}), float32; triad bandwidth "
+        f"{bandwidth[False] / 1e9:.1f} GB/s on 1 thread, {bandwidth[True] / 1e9:.1f} GB/s on "
+        f"{numba.get_num_threads()}; times are medians per call"
+    )
+    print(_format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

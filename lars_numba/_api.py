@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+
 import numpy as np
 
 from . import _cpu
@@ -38,7 +39,7 @@ def hyperparameters(threshold: float, weight_decay: float, eps: float) -> Hyperp
         and 0.0 <= eps < math.inf
     ):
         return values
-    for name, value in zip(HYPERPARAMETERS, values):
+    for name, value in zip(HYPERPARAMETERS, values, strict=True):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a real number; got {type(value).__name__}")
         if not (math.isfinite(value) and value >= 0):

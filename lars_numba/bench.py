@@ -7,13 +7,15 @@ candidate only where chainer is installed.
 
 The floor is the time to move the bytes the update must move, five passes
 of ``N * itemsize`` (read ``w`` and ``g`` for the norms, read them again and
-write ``g``), at the best triad bandwidth measured here with the thread count
-that ``scale`` uses at that size.
+write ``g``), at the best bandwidth measured here, with the thread count that
+``scale`` uses at that size, by a STREAM triad and by an in-place add.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import math
 import os
 import statistics
 import subprocess
@@ -34,24 +36,36 @@ SIZES = (64, 1_000, 10_000, 100_000, 1_000_000, 10_000_000, 50_000_000)
 WEIGHT_DECAY = 1e-4
 
 
-@njit(nogil=True)
-def _triad_serial(a, b, c, s):
-    for i in range(a.shape[0]):
-        a[i] = b[i] + s * c[i]
-
-
-@njit(nogil=True, parallel=True)
-def _triad_parallel(a, b, c, s):
+def _triad(a, b, c, s):
     for i in prange(a.shape[0]):
         a[i] = b[i] + s * c[i]
 
 
-def triad_bandwidth(parallel: bool, size: int = 1 << 25, repeats: int = 10) -> float:
-    """The best STREAM-triad bandwidth in bytes per second (three passes per call)."""
+def _add_scaled(a, b, c, s):
+    # Reads a and b and writes a back, the update's own pattern: unlike the
+    # triad's store to a, this one needs no read-for-ownership of a.
+    for i in prange(a.shape[0]):
+        a[i] += s * b[i]
+
+
+# prange is range in the serial compilations.
+_STREAM_KERNELS = {
+    parallel: [njit(parallel=parallel, nogil=True)(kernel) for kernel in (_triad, _add_scaled)]
+    for parallel in (False, True)
+}
+
+
+def stream_bandwidth(parallel: bool, size: int = 1 << 25, repeats: int = 10) -> float:
+    """The best bandwidth in bytes per second of a triad and of an in-place add.
+
+    Both count three passes over the arrays, as STREAM does.
+    """
     a, b, c = (np.full(size, value, dtype=np.float32) for value in (0.0, 1.0, 2.0))
-    triad = _triad_parallel if parallel else _triad_serial
-    triad(a, b, c, 3.0)
-    best = min(_seconds(lambda: triad(a, b, c, 3.0)) for _ in range(repeats))
+    best = math.inf
+    for kernel in _STREAM_KERNELS[parallel]:
+        call = functools.partial(kernel, a, b, c, 3.0)
+        call()
+        best = min(best, *(_seconds(call) for _ in range(repeats)))
     return 3 * a.nbytes / best
 
 
@@ -64,8 +78,11 @@ def _seconds(call: Callable[[], object], calls: int = 1) -> float:
 
 def _calls_per_sample(call: Callable[[], object], target: float = 0.02) -> int:
     """How many calls fill about ``target`` seconds, so timer resolution does not matter."""
-    once = _seconds(call)
-    return max(1, min(100_000, int(target / max(once, 1e-9))))
+    call()  # the first call may compile, or load from Numba's cache
+    calls = 1
+    while (total := _seconds(call, calls) * calls) < target / 10 and calls < 100_000:
+        calls *= 10
+    return max(1, round(calls * target / total))
 
 
 def interleaved(candidates: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
@@ -102,25 +119,31 @@ def chainer_hook_call(w: np.ndarray, g: np.ndarray) -> Callable[[], object] | No
 
 def scale_rows(sizes, rounds: int) -> list[dict[str, float]]:
     """One row per size: seconds per call of each candidate and the floor."""
-    bandwidth = {False: triad_bandwidth(False), True: triad_bandwidth(True)}
+    bandwidth = {False: stream_bandwidth(False), True: stream_bandwidth(True)}
     rows = []
     for size in sizes:
-        rng = np.random.default_rng(size)
-        w = rng.standard_normal(size, dtype=np.float32)
-        g = rng.standard_normal(size, dtype=np.float32)
-        candidates = {
-            "numpy": lambda: numpy_lars(w, g, weight_decay=WEIGHT_DECAY),
-            "lars_numba": lambda: lars_numba.scale(w, g, weight_decay=WEIGHT_DECAY),
-        }
-        chainer_call = chainer_hook_call(w, g)
-        if chainer_call is not None:
-            candidates = {"chainer": chainer_call, **candidates}
-        times = interleaved(candidates, rounds if size < 10_000_000 else 3)
+        w, g = random_pair(size)
+        times = interleaved(scale_candidates(w, g), rounds if size < 10_000_000 else 3)
         threads = size >= _cpu.PARALLEL_MIN_SIZE
         times["floor"] = 5 * w.nbytes / bandwidth[threads]
         rows.append({"N": size, "threads": numba.get_num_threads() if threads else 1, **times})
-        del w, g
     return rows, bandwidth
+
+
+def random_pair(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Weights and a gradient of ``size`` float32 values, the same for a given size."""
+    rng = np.random.default_rng(size)
+    return rng.standard_normal(size, dtype=np.float32), rng.standard_normal(size, dtype=np.float32)
+
+
+def scale_candidates(w: np.ndarray, g: np.ndarray) -> dict[str, Callable[[], object]]:
+    """The implementations compared on one parameter, Chainer's hook first if it imports."""
+    candidates = {
+        "numpy": functools.partial(numpy_lars, w, g, weight_decay=WEIGHT_DECAY),
+        "lars_numba": functools.partial(lars_numba.scale, w, g, weight_decay=WEIGHT_DECAY),
+    }
+    chainer_call = chainer_hook_call(w, g)
+    return candidates if chainer_call is None else {"chainer": chainer_call, **candidates}
 
 
 def _format_table(rows: list[dict[str, float]]) -> str:
@@ -144,8 +167,7 @@ def _format_table(rows: list[dict[str, float]]) -> str:
         if has_chainer:
             line += f" {row['chainer'] / row['lars_numba']:>12.2f}"
         line += (
-            f" {row['numpy'] / row['lars_numba']:>10.2f}"
-            f" {row['lars_numba'] / row['floor']:>10.2f}"
+            f" {row['numpy'] / row['lars_numba']:>10.2f} {row['lars_numba'] / row['floor']:>10.2f}"
         )
         lines.append(line)
     return "\n".join(lines)
@@ -156,13 +178,12 @@ def cutoff_rows(sizes, rounds: int) -> list[tuple[int, float, float]]:
     hyper = _api.hyperparameters(1e-2, WEIGHT_DECAY, 1e-9)
     rows = []
     for size in sizes:
-        rng = np.random.default_rng(size)
-        w = rng.standard_normal(size, dtype=np.float32)
-        g = rng.standard_normal(size, dtype=np.float32)
+        w, g = random_pair(size)
+        kernels = {"serial": _cpu._SERIAL, "parallel": _cpu._PARALLEL}
         times = interleaved(
             {
-                "serial": lambda: _cpu._run(_cpu._SERIAL, w, g, hyper, True),
-                "parallel": lambda: _cpu._run(_cpu._PARALLEL, w, g, hyper, True),
+                name: functools.partial(_cpu._run, pair, w, g, hyper, True)
+                for name, pair in kernels.items()
             },
             rounds,
         )
@@ -204,7 +225,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.cutoff:
         print(f"{'N':>10} {'serial us':>10} {'parallel us':>12} {'serial/parallel':>16}")
         for size, serial, parallel in cutoff_rows(args.sizes, args.rounds):
-            print(f"{size:>10} {serial * 1e6:>10.2f} {parallel * 1e6:>12.2f} {serial / parallel:>16.2f}")
+            print(
+                f"{size:>10} {serial * 1e6:>10.2f} {parallel * 1e6:>12.2f}"
+                f" {serial / parallel:>16.2f}"
+            )
         print(f"current cut-off: PARALLEL_MIN_SIZE = {_cpu.PARALLEL_MIN_SIZE}")
         return
 
@@ -215,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rows, bandwidth = scale_rows(args.sizes, args.rounds)
     print(
-        f"scale(w, g, weight_decay={WEIGHT_DECAY}), float32; triad bandwidth "
+        f"scale(w, g, weight_decay={WEIGHT_DECAY}), float32; bandwidth "
         f"{bandwidth[False] / 1e9:.1f} GB/s on 1 thread, {bandwidth[True] / 1e9:.1f} GB/s on "
         f"{numba.get_num_threads()}; times are medians per call"
     )

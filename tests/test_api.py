@@ -237,8 +237,18 @@ def read_only(array):
         (GOOD, np.ones(6, bool), TypeError, "g must have dtype .* got bool"),
         (GOOD, np.ones(6, np.complex64), TypeError, "g must have dtype .* got complex64"),
         (GOOD, GOOD.astype(">f4"), TypeError, "g must have dtype .* native byte order; got >f4"),
-        (GOOD, GOOD.astype(np.float64), TypeError, "g must have the dtype of w, float32; got float64"),
-        (GOOD, np.ones(5, np.float32), ValueError, r"g must have the shape of w, \(6,\); got \(5,\)"),
+        (
+            GOOD,
+            GOOD.astype(np.float64),
+            TypeError,
+            "g must have the dtype of w, float32; got float64",
+        ),
+        (
+            GOOD,
+            np.ones(5, np.float32),
+            ValueError,
+            r"g must have the shape of w, \(6,\); got \(5,\)",
+        ),
         (GOOD, np.ones((6, 1), np.float32), ValueError, "g must have the shape of w"),
     ],
 )

@@ -55,6 +55,6 @@ def test_flat_views_pair_the_same_elements_without_copying(make_w, make_g, flat)
     views = _cpu.flat_views(w, g)
     assert (views is not None) == flat
     if flat:
-        for view, array in zip(views, (w, g)):
+        for view, array in zip(views, (w, g), strict=True):
             assert np.shares_memory(view, array)
         np.testing.assert_array_equal(views[1] - views[0], np.full(views[0].shape, 100.0))

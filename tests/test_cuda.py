@@ -1,0 +1,387 @@
+"""The CUDA path against the float64 oracle, its input checks, streams and scratch.
+
+Runs on Numba's CUDA simulator when there is no GPU (see conftest.py) and
+unchanged on a GPU. The simulator runs a Python thread per GPU thread, so the
+tests shrink the grid (``small_grid``) and keep arrays to a few thousand
+elements.
+"""
+
+import math
+import sys
+import types
+
+import numpy as np
+import pytest
+from conftest import assert_matches_oracle
+from numba import cuda
+from numba.cuda.core import config
+
+import lars_numba
+from lars_numba import _api, _cuda
+from lars_numba._shapes import RESNET50_SHAPES
+
+SIMULATOR = bool(config.ENABLE_CUDASIM)
+DTYPES = [np.float16, np.float32, np.float64]
+HYPER = {"threshold": 1e-2, "weight_decay": 1e-4, "eps": 1e-9}
+
+# The tests' grids are small on purpose; on a GPU numba-cuda warns about them,
+# and pyproject.toml turns warnings into errors.
+pytestmark = pytest.mark.filterwarnings("ignore:Grid size .* under-utilization")
+
+
+def set_grid(monkeypatch, threads, min_blocks, max_blocks):
+    monkeypatch.setattr(_cuda, "THREADS_PER_BLOCK", threads)
+    monkeypatch.setattr(_cuda, "MIN_BLOCKS", min_blocks)
+    monkeypatch.setattr(_cuda, "MAX_BLOCKS", max_blocks)
+
+
+@pytest.fixture(autouse=True)
+def small_grid(monkeypatch):
+    set_grid(monkeypatch, threads=8, min_blocks=1, max_blocks=3)
+
+
+def values(shape, dtype, seed, magnitude=1.0):
+    rng = np.random.default_rng(seed)
+    return np.asarray(rng.standard_normal(shape) * magnitude, dtype=dtype)
+
+
+#: name: (shape of a contiguous parent array, the view of it the kernels get).
+#: Numba's device arrays do not take negative steps, so no view has one.
+LAYOUTS = {
+    "0-d": ((), lambda a: a),
+    "1-d": ((300,), lambda a: a),
+    "1-d strided": ((600,), lambda a: a[1::2]),
+    "C": ((15, 20), lambda a: a),
+    "F": ((20, 15), lambda a: a.T),
+    "strided": ((15, 40), lambda a: a[:, ::2]),
+    "3-d strided": ((6, 5, 8), lambda a: a[::2, 1:, ::3]),
+}
+
+
+def run_on_device(w_parent, w_view, g_parent, g_view, **hyper):
+    """``trust_ratio`` and ``scale`` on views of device copies of the parents.
+
+    Returns the rate and host copies of both parents afterwards.
+    """
+    d_w_parent, d_g_parent = cuda.to_device(w_parent), cuda.to_device(g_parent)
+    d_w, d_g = w_view(d_w_parent), g_view(d_g_parent)
+    rate = lars_numba.trust_ratio(d_w, d_g, **hyper)
+    assert lars_numba.scale(d_w, d_g, **hyper) is d_g
+    return rate, d_w_parent.copy_to_host(), d_g_parent.copy_to_host()
+
+
+def check_against_oracle(oracle, w_layout, g_layout, dtype, hyper=HYPER, magnitude=1.0):
+    (w_shape, w_view), (g_shape, g_view) = LAYOUTS[w_layout], LAYOUTS[g_layout]
+    w_parent = values(w_shape, dtype, 1, magnitude)
+    g_parent = values(g_shape, dtype, 2, magnitude)
+    expected_rate, expected_g = oracle(w_view(w_parent), g_view(g_parent), **hyper)
+    # The elements of g's parent outside the view must keep their values.
+    expected = g_parent.astype(np.float64)
+    g_view(expected)[...] = expected_g
+
+    rate, w_after, g_after = run_on_device(w_parent, w_view, g_parent, g_view, **hyper)
+
+    assert type(rate) is float
+    assert rate == pytest.approx(expected_rate, rel=1e-12, nan_ok=True)
+    assert_matches_oracle(g_after, expected, dtype)
+    np.testing.assert_array_equal(w_after, w_parent)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_each_layout_matches_the_oracle(layout, dtype, oracle):
+    check_against_oracle(oracle, layout, layout, dtype)
+
+
+@pytest.mark.parametrize(("w_layout", "g_layout"), [("C", "F"), ("F", "strided"), ("strided", "C")])
+def test_w_and_g_in_different_layouts_match_the_oracle(w_layout, g_layout, oracle):
+    check_against_oracle(oracle, w_layout, g_layout, np.float32)
+
+
+@pytest.mark.parametrize(
+    ("threads", "min_blocks", "max_blocks", "size"),
+    [
+        (8, 1, 1, 1000),  # a single block, many grid-stride steps
+        (8, 7, 7, 20),  # more blocks than the data needs: most have nothing
+        (1, 1, 5, 37),  # one thread per block
+        (4, 1, 8, 30),  # at most one element per thread
+    ],
+)
+def test_grid_sizes_do_not_change_the_result(threads, min_blocks, max_blocks, size, monkeypatch):
+    set_grid(monkeypatch, threads, min_blocks, max_blocks)
+    w, g = values(size, np.float64, 3), values(size, np.float64, 4)
+    rate = lars_numba.trust_ratio(w, g, **HYPER)  # the CPU path as the reference
+    expected = lars_numba.scale(w, g.copy(), **HYPER)
+    rate_on_device, _, g_after = run_on_device(w, lambda a: a, g, lambda a: a, **HYPER)
+    assert rate_on_device == pytest.approx(rate, rel=1e-13)
+    np.testing.assert_allclose(g_after, expected, rtol=1e-13)
+
+
+def test_the_shipped_grid_sums_in_a_fixed_order(monkeypatch, oracle):
+    # The simulator runs the shipped 128+ blocks of 256 threads too slowly.
+    if SIMULATOR:
+        set_grid(monkeypatch, threads=16, min_blocks=1, max_blocks=4)
+    else:
+        monkeypatch.undo()
+    w, g = values(3000, np.float32, 5), values(3000, np.float32, 6)
+    d_w, d_g = cuda.to_device(w), cuda.to_device(g)
+    rates = {lars_numba.trust_ratio(d_w, d_g, **HYPER) for _ in range(2)}
+    assert len(rates) == 1  # bitwise equal: no floating-point atomics
+    assert rates.pop() == pytest.approx(oracle(w, g, **HYPER)[0], rel=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(0,), (2, 0, 3)])
+def test_zero_size_arrays_have_rate_one(shape):
+    d_w, d_g = cuda.device_array(shape, np.float32), cuda.device_array(shape, np.float32)
+    assert lars_numba.trust_ratio(d_w, d_g) == 1.0
+    assert lars_numba.scale(d_w, d_g).shape == shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_equal_to_threshold_keeps_rate_one_but_adds_weight_decay(dtype):
+    w = np.array([3, 4], dtype=dtype)  # ||w|| == 5 exactly
+    g = np.array([1, 2], dtype=dtype)
+    rate, _, g_after = run_on_device(
+        w, lambda a: a, g, lambda a: a, threshold=5.0, weight_decay=0.5
+    )
+    assert rate == 1.0
+    np.testing.assert_array_equal(g_after, np.array([2.5, 4], dtype=dtype))
+
+
+def test_float16_sums_that_overflow_float16_stay_finite(oracle):
+    w = np.full(2000, 300, dtype=np.float16)  # sum of squares 1.8e8 > 65504
+    g = np.full(2000, 0.5, dtype=np.float16)
+    expected_rate, expected = oracle(w, g, weight_decay=1e-4)
+    rate, _, g_after = run_on_device(w, lambda a: a, g, lambda a: a, weight_decay=1e-4)
+    assert rate == pytest.approx(expected_rate, rel=1e-12)
+    assert np.isfinite(g_after).all()
+    assert_matches_oracle(g_after, expected, np.float16)
+
+
+# The simulator computes with NumPy scalars, which warn where a GPU does not.
+@pytest.mark.filterwarnings("ignore:.*(invalid value|overflow) encountered:RuntimeWarning")
+@pytest.mark.parametrize(("w_value", "g_value"), [(np.nan, 1.0), (1.0, np.inf), (np.inf, np.nan)])
+def test_nan_and_inf_propagate_like_the_reference(w_value, g_value, oracle):
+    w = np.linspace(1, 2, 50, dtype=np.float32)
+    g = np.linspace(-1, 1, 50, dtype=np.float32)
+    w[7], g[7] = w_value, g_value
+    expected_rate, expected = oracle(w, g, weight_decay=1e-2)
+    rate, _, g_after = run_on_device(w, lambda a: a, g, lambda a: a, weight_decay=1e-2)
+    assert rate == pytest.approx(expected_rate, nan_ok=True)
+    assert_matches_oracle(g_after, expected, np.float32)
+
+
+# -- bad input: a clear error and nothing written ------------------------------
+
+GOOD = np.linspace(1, 2, 6, dtype=np.float32)
+
+
+@pytest.mark.parametrize(
+    ("make_w", "make_g", "error", "message"),
+    [
+        (
+            lambda: GOOD.copy(),
+            lambda: cuda.to_device(GOOD),
+            TypeError,
+            r"w and g must both be NumPy arrays or both CUDA arrays; "
+            r"got w on the CPU \(ndarray\) and g on the GPU \(\w+\)",
+        ),
+        (
+            lambda: cuda.to_device(GOOD),
+            lambda: GOOD.copy(),
+            TypeError,
+            r"got w on the GPU \(\w+\) and g on the CPU \(ndarray\)",
+        ),
+        (lambda: [1.0] * 6, lambda: cuda.to_device(GOOD), TypeError, "w must be a NumPy array"),
+        (
+            lambda: cuda.to_device(GOOD),
+            lambda: cuda.to_device(GOOD.astype(np.float64)),
+            TypeError,
+            "g must have the dtype of w, float32; got float64",
+        ),
+        (
+            lambda: cuda.to_device(np.arange(6)),
+            lambda: cuda.to_device(GOOD),
+            TypeError,
+            "w must have dtype float16, float32 or float64",
+        ),
+        (
+            lambda: cuda.to_device(GOOD),
+            lambda: cuda.to_device(GOOD[:5]),
+            ValueError,
+            r"g must have the shape of w, \(6,\); got \(5,\)",
+        ),
+    ],
+)
+def test_bad_arrays_raise_naming_the_argument(make_w, make_g, error, message):
+    w, g = make_w(), make_g()
+    before = [np.array(a.copy_to_host() if hasattr(a, "copy_to_host") else a) for a in (w, g)]
+    with pytest.raises(error, match=message):
+        lars_numba.scale(w, g)
+    with pytest.raises(error, match=message):
+        lars_numba.trust_ratio(w, g)
+    for array, old in zip((w, g), before, strict=True):
+        now = array.copy_to_host() if hasattr(array, "copy_to_host") else array
+        np.testing.assert_array_equal(now, old)
+
+
+def test_device_arrays_are_accepted_by_the_hook_s_test():
+    assert _api.accepts(cuda.to_device(GOOD))
+    assert _api.on_gpu(cuda.to_device(GOOD))
+    assert not _api.on_gpu(GOOD)
+
+
+# -- foreign arrays, streams and scratch ---------------------------------------
+
+
+class Foreign:
+    """A non-Numba CUDA array: only ``__cuda_array_interface__`` (version 3).
+
+    It wraps a Numba device array, as numba-cuda's own tests fake a foreign
+    array. The simulator's arrays have no interface, so there it describes the
+    wrapped array with a null pointer and ``as_device_array`` is patched to
+    unwrap it.
+    """
+
+    def __init__(self, array, stream=None, readonly=False):
+        self.array, self.stream, self.readonly = array, stream, readonly
+
+    @property
+    def __cuda_array_interface__(self):
+        if SIMULATOR:
+            interface = {
+                "shape": self.array.shape,
+                "typestr": self.array.dtype.str,
+                "data": (0, False),
+                "strides": None,
+                "version": 3,
+            }
+        else:
+            interface = dict(self.array.__cuda_array_interface__)
+        interface["data"] = (interface["data"][0], self.readonly)
+        interface["stream"] = self.stream
+        return interface
+
+
+@pytest.fixture
+def foreign(monkeypatch):
+    """Make Foreign arrays, with their conversion faked on the simulator."""
+    if SIMULATOR:
+        original = _cuda.as_device_array
+        monkeypatch.setattr(
+            _cuda,
+            "as_device_array",
+            lambda a: a.array if isinstance(a, Foreign) else original(a),
+        )
+    return Foreign
+
+
+@pytest.fixture
+def scratch_handles(monkeypatch):
+    """A fresh scratch cache and no CuPy; returns the handles that have scratch."""
+    monkeypatch.setattr(_cuda, "_scratch", {})
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    return lambda: sorted(handle for _, handle in _cuda._scratch)
+
+
+@pytest.fixture
+def caller_stream(monkeypatch):
+    """A stream of the caller's and its handle, as an interface would give it."""
+    stream = cuda.stream()
+    if not SIMULATOR:
+        return stream, int(stream)
+    # The simulator has no external streams: one stands in for a made-up handle.
+    handle = 0x5EED
+    numba_stream = _cuda._numba_stream
+    monkeypatch.setattr(
+        _cuda, "_numba_stream", lambda h: stream if h == handle else numba_stream(h)
+    )
+    return stream, handle
+
+
+def test_foreign_arrays_run_on_the_stream_of_their_interface(
+    foreign, caller_stream, scratch_handles, oracle
+):
+    stream, handle = caller_stream
+    w, g = values(100, np.float32, 7), values(100, np.float32, 8)
+    d_w, d_g = cuda.to_device(w), cuda.to_device(g)
+    expected_rate, expected = oracle(w, g, **HYPER)
+
+    rate = lars_numba.trust_ratio(foreign(d_w), foreign(d_g, handle), **HYPER)
+    lars_numba.scale(foreign(d_w), foreign(d_g, handle), **HYPER)
+    stream.synchronize()
+
+    assert scratch_handles() == [handle]
+    assert rate == pytest.approx(expected_rate, rel=1e-12)
+    assert_matches_oracle(d_g.copy_to_host(), expected, np.float32)
+
+
+def test_a_read_only_foreign_g_is_refused_by_scale_only(foreign):
+    d_w, d_g = cuda.to_device(GOOD), cuda.to_device(GOOD * 2)
+    with pytest.raises(ValueError, match="g must be writeable; got a read-only array"):
+        lars_numba.scale(foreign(d_w), foreign(d_g, readonly=True))
+    np.testing.assert_array_equal(d_g.copy_to_host(), GOOD * 2)
+    rate = lars_numba.trust_ratio(foreign(d_w), foreign(d_g, readonly=True))
+    assert rate == pytest.approx(0.5, rel=1e-6)
+
+
+def interface_with_stream(stream):
+    return types.SimpleNamespace(__cuda_array_interface__={"version": 3, "stream": stream})
+
+
+@pytest.mark.parametrize(
+    ("w", "g", "handle"),
+    [
+        (types.SimpleNamespace(), types.SimpleNamespace(), 0),  # the default stream
+        (interface_with_stream(None), interface_with_stream(None), 0),
+        (interface_with_stream(9), interface_with_stream(7), 7),  # g's first
+        (interface_with_stream(9), interface_with_stream(None), 9),
+        (interface_with_stream(9), types.SimpleNamespace(), 9),
+        (interface_with_stream(2), interface_with_stream(2), 2),  # per-thread default
+    ],
+)
+def test_the_stream_is_the_interface_s_without_cupy(w, g, handle, monkeypatch):
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    assert _cuda.caller_stream(w, g) == handle
+
+
+def test_the_stream_is_cupy_s_current_stream_once_cupy_is_imported(monkeypatch):
+    current = types.SimpleNamespace(ptr=42)
+    fake_cupy = types.SimpleNamespace(
+        cuda=types.SimpleNamespace(get_current_stream=lambda: current)
+    )
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+    assert _cuda.caller_stream(interface_with_stream(7), interface_with_stream(7)) == 42
+
+
+def test_calls_reuse_the_scratch_and_scale_neither_allocates_nor_waits(
+    scratch_handles, monkeypatch, oracle
+):
+    w, g = values(200, np.float32, 9), values(200, np.float32, 10)
+    d_w, d_g = cuda.to_device(w), cuda.to_device(g)
+    lars_numba.scale(d_w, d_g, **HYPER)
+    (scratch,) = _cuda._scratch.values()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("called by scale")
+
+    monkeypatch.setattr(cuda, "device_array", forbidden)
+    monkeypatch.setattr(cuda, "to_device", forbidden)
+    monkeypatch.setattr(cuda, "synchronize", forbidden)
+    with monkeypatch.context() as patch:
+        patch.setattr(type(scratch.stream), "synchronize", forbidden)
+        lars_numba.scale(d_w, d_g, **HYPER)
+    lars_numba.trust_ratio(d_w, d_g, **HYPER)
+
+    assert scratch_handles() == [0]
+    assert next(iter(_cuda._scratch.values())) is scratch
+    assert scratch.ticket.copy_to_host()[0] == 0  # reset by the last block
+    _, once = oracle(w, g, **HYPER)
+    _, twice = oracle(w, once, **HYPER)
+    assert_matches_oracle(d_g.copy_to_host(), twice, np.float32)
+
+
+def test_resnet50_shapes_are_torchvision_s_parameters():
+    # The parameter list docs/gpu.rst and the benchmarks are computed for.
+    assert len(RESNET50_SHAPES) == 161
+    assert sum(math.prod(shape) for shape in RESNET50_SHAPES) == 25_557_032

@@ -25,6 +25,7 @@ def scale(
     threshold: float = 1e-2,
     weight_decay: float = 0.0,
     eps: float = 1e-9,
+    parallel: bool = True,
 ) -> np.ndarray:
     """Scale the gradient ``g`` of the weights ``w`` in place by the LARS rule.
 
@@ -54,6 +55,12 @@ def scale(
         The L2 coefficient added to the gradient before scaling.
     eps : float, optional
         Added to the denominator of the rate.
+    parallel : bool, optional
+        Let NumPy arrays of at least ``lars_numba._cpu.PARALLEL_MIN_SIZE``
+        elements run on all of Numba's threads. Pass ``False`` inside a loop
+        whose other work keeps threads of its own busy on the same cores, such
+        as NumPy's BLAS between matrix products: a parallel kernel then waits
+        for a core (milliseconds, measured on 2 cores).
 
     Returns
     -------
@@ -80,7 +87,7 @@ def scale(
     >>> g
     array([3., 4.], dtype=float32)
     """
-    _api.scale(w, g, _api.hyperparameters(threshold, weight_decay, eps))
+    _api.scale(w, g, _api.hyperparameters(threshold, weight_decay, eps), parallel)
     return g
 
 
@@ -91,6 +98,7 @@ def trust_ratio(
     threshold: float = 1e-2,
     weight_decay: float = 0.0,
     eps: float = 1e-9,
+    parallel: bool = True,
 ) -> float:
     """The rate :func:`scale` would apply to ``g``, leaving ``g`` untouched.
 
@@ -98,7 +106,7 @@ def trust_ratio(
     ----------
     w, g : numpy.ndarray
         As for :func:`scale`, except that ``g`` may be read-only.
-    threshold, weight_decay, eps : float, optional
+    threshold, weight_decay, eps, parallel : optional
         As for :func:`scale`.
 
     Returns
@@ -122,4 +130,4 @@ def trust_ratio(
     >>> lars_numba.trust_ratio(w, np.array([0.0, 1.0]), threshold=5.0)
     1.0
     """
-    return _api.trust_ratio(w, g, _api.hyperparameters(threshold, weight_decay, eps))
+    return _api.trust_ratio(w, g, _api.hyperparameters(threshold, weight_decay, eps), parallel)

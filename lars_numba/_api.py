@@ -132,8 +132,10 @@ def _gpu_module():
     return _cuda
 
 
-def scale(w, g, hyper: Hyperparameters) -> float | None:
+def scale(w, g, hyper: Hyperparameters, parallel: bool = True) -> float | None:
     """Scale ``g`` in place after checking both arrays; returns the rate.
+
+    ``parallel`` lets large NumPy arrays run on all of Numba's threads.
 
     For CUDA arrays it returns ``None`` instead: the scaling is enqueued on
     the caller's stream and the rate stays on the device, as the call does not
@@ -150,10 +152,10 @@ def scale(w, g, hyper: Hyperparameters) -> float | None:
         # The update reads w while writing g: an overlap other than w being g
         # itself would read elements that were already scaled.
         w = w.copy()
-    return _cpu.scale(kernel_view(w), kernel_view(g), hyper)
+    return _cpu.scale(kernel_view(w), kernel_view(g), hyper, parallel)
 
 
-def trust_ratio(w, g, hyper: Hyperparameters) -> float:
+def trust_ratio(w, g, hyper: Hyperparameters, parallel: bool = True) -> float:
     """The rate ``scale`` would apply, after checking both arrays.
 
     For CUDA arrays it waits for the caller's stream to finish the sums.
@@ -162,4 +164,4 @@ def trust_ratio(w, g, hyper: Hyperparameters) -> float:
         w, g, stream = _device_pair(w, g, writes_g=False)
         return _gpu_module().trust_ratio(w, g, hyper, stream)
     check_pair(w, g, writes_g=False)
-    return _cpu.trust_ratio(kernel_view(w), kernel_view(g), hyper)
+    return _cpu.trust_ratio(kernel_view(w), kernel_view(g), hyper, parallel)

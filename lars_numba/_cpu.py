@@ -222,11 +222,15 @@ def _run(kernels, w, g, hyper, update):
     return rate
 
 
-def _pick_and_run(w, g, hyper, update):
+def _pick_and_run(w, g, hyper, update, parallel):
     flat = flat_views(w, g)
     if flat is None:
         return _run(_ND, w, g, hyper, update)
-    if flat[0].shape[0] >= PARALLEL_MIN_SIZE and _parallel_slot.acquire(blocking=False):
+    if (
+        parallel
+        and flat[0].shape[0] >= PARALLEL_MIN_SIZE
+        and _parallel_slot.acquire(blocking=False)
+    ):
         try:
             return _run(_PARALLEL, *flat, hyper, update)
         finally:
@@ -234,11 +238,11 @@ def _pick_and_run(w, g, hyper, update):
     return _run(_SERIAL, *flat, hyper, update)
 
 
-def trust_ratio(w, g, hyper) -> float:
+def trust_ratio(w, g, hyper, parallel: bool = True) -> float:
     """The rate for two validated arrays of one shape and dtype."""
-    return _pick_and_run(w, g, hyper, update=False)
+    return _pick_and_run(w, g, hyper, False, parallel)
 
 
-def scale(w, g, hyper) -> float:
+def scale(w, g, hyper, parallel: bool = True) -> float:
     """Scale ``g`` in place for two validated arrays; returns the rate."""
-    return _pick_and_run(w, g, hyper, update=True)
+    return _pick_and_run(w, g, hyper, True, parallel)

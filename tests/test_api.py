@@ -306,3 +306,19 @@ def test_import_loads_neither_chainer_cupy_nor_numba_cuda():
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_parallel_false_keeps_large_arrays_on_the_serial_kernels(monkeypatch, oracle):
+    def refuse(*args):
+        raise AssertionError("the parallel kernels ran")
+
+    monkeypatch.setattr(_cpu, "_PARALLEL", (refuse, refuse))
+    w = np.linspace(-1, 1, 2 * _cpu.PARALLEL_MIN_SIZE)
+    g = w[::-1].copy()
+    _, expected = oracle(w, g, weight_decay=1e-4)
+    lars_numba.trust_ratio(w, g, weight_decay=1e-4, parallel=False)
+    assert_matches_oracle(
+        lars_numba.scale(w, g, weight_decay=1e-4, parallel=False), expected, w.dtype
+    )
+    with pytest.raises(AssertionError, match="the parallel kernels ran"):
+        lars_numba.scale(w, g)

@@ -2,18 +2,20 @@
 
 ``scale(w, g)`` scales the gradient ``g`` of the weights ``w`` in place by the
 LARS trust ratio, exactly as Chainer's ``GradientLARS`` hook does for one
-parameter; ``trust_ratio(w, g)`` returns the ratio without touching ``g``.
+parameter; ``trust_ratio(w, g)`` returns the ratio without touching ``g``;
+``scale_all(ws, gs)`` scales the gradients of a whole model in one call.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib.metadata import version
 
 import numpy as np
 
 from . import _api
 
-__all__ = ["__version__", "scale", "trust_ratio"]
+__all__ = ["__version__", "scale", "scale_all", "trust_ratio"]
 
 __version__ = version("lars_numba")
 
@@ -131,3 +133,90 @@ def trust_ratio(
     1.0
     """
     return _api.trust_ratio(w, g, _api.hyperparameters(threshold, weight_decay, eps), parallel)
+
+
+def scale_all(
+    ws: Sequence[np.ndarray],
+    gs: Sequence[np.ndarray],
+    *,
+    threshold: float = 1e-2,
+    weight_decay: float = 0.0,
+    eps: float = 1e-9,
+    weight_decay_mask: Sequence[bool] | None = None,
+    trust_ratio_mask: Sequence[bool] | None = None,
+    rates: np.ndarray | None = None,
+    parallel: bool = True,
+) -> None:
+    """Scale every gradient ``gs[i]`` of the weights ``ws[i]`` in place, in one call.
+
+    The result is that of :func:`scale` on each pair, but the contiguous NumPy
+    pairs of each dtype are scaled by one compiled call with no Python loop
+    over them, cut into chunks that all of Numba's threads share, and a pair
+    small enough to stay in cache is scaled right after its norms are taken.
+    Each rate is computed from float64 sums added in a fixed order, so it does
+    not depend on the thread count. CUDA arrays share a few kernel launches
+    (see :doc:`/gpu`).
+
+    Parameters
+    ----------
+    ws : sequence of numpy.ndarray
+        The weights, as for :func:`scale`; the pairs may differ in shape and
+        dtype.
+    gs : sequence of numpy.ndarray
+        The gradients, ``gs[i]`` of the dtype and shape of ``ws[i]``. A
+        gradient may be its own weights or overlap them, but its address
+        range must not overlap any other pair's arrays (interleaved strided
+        views are refused, though they share no element).
+    threshold, weight_decay, eps : float, optional
+        As for :func:`scale`, for every pair.
+    weight_decay_mask : sequence of bool, optional
+        One per pair: ``False`` where the pair gets no weight decay (biases and
+        normalization parameters, say). All ``True`` by default.
+    trust_ratio_mask : sequence of bool, optional
+        One per pair: ``False`` where the pair keeps rate 1, its gradient only
+        gaining the weight decay. All ``True`` by default. The masks follow
+        the naming of optax's ``lars``; TensorFlow calls the same choices
+        ``exclude_from_weight_decay`` and ``exclude_from_layer_adaptation``.
+    rates : numpy.ndarray, optional
+        A float64 array of one entry per pair, on the arrays' device, that
+        receives each pair's rate. On a GPU it is written on the stream,
+        without waiting for it.
+    parallel : bool, optional
+        As for :func:`scale`, over the elements of all pairs together.
+
+    Raises
+    ------
+    TypeError
+        If ``ws`` or ``gs`` is not a sequence of arrays, a pair is refused as
+        by :func:`scale`, NumPy and CUDA arrays are mixed, a mask does not
+        hold booleans or ``rates`` is not a float64 array.
+    ValueError
+        If ``ws`` and ``gs`` differ in length, a pair or a hyperparameter is
+        refused as by :func:`scale`, a mask or ``rates`` does not have one
+        entry per pair, ``rates`` is read-only, or a written array's address
+        range overlaps another pair's arrays. Nothing is written when an error
+        is raised.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import lars_numba
+    >>> ws = [np.array([3.0, 4.0]), np.array([0.5])]
+    >>> gs = [np.array([0.6, 0.8]), np.array([1.0])]
+    >>> rates = np.empty(2)
+    >>> lars_numba.scale_all(ws, gs, eps=0.0, weight_decay=0.5,
+    ...                      weight_decay_mask=[True, False], rates=rates)
+    >>> rates  # 5 / (1 + 0.5 * 5); 0.5 / 1
+    array([1.42857143, 0.5       ])
+    >>> gs[0]  # (g + 0.5 * w) * rate
+    array([3., 4.])
+    """
+    _api.scale_all(
+        ws,
+        gs,
+        _api.hyperparameters(threshold, weight_decay, eps),
+        weight_decay_mask,
+        trust_ratio_mask,
+        rates,
+        parallel,
+    )

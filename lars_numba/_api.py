@@ -63,16 +63,22 @@ def _check_array(name: str, array: object) -> None:
         )
 
 
-def check_pair(w: object, g: object, *, writes_g: bool) -> None:
-    """Raise unless ``w`` and ``g`` are float arrays of one dtype and shape."""
-    _check_array("w", w)
-    _check_array("g", g)
+def check_pair(
+    w: object, g: object, *, writes_g: bool, names: tuple[str, str] = ("w", "g")
+) -> None:
+    """Raise unless ``w`` and ``g`` are float arrays of one dtype and shape.
+
+    ``names`` are the names of ``w`` and ``g`` in the messages.
+    """
+    w_name, g_name = names
+    _check_array(w_name, w)
+    _check_array(g_name, g)
     if g.dtype != w.dtype:
-        raise TypeError(f"g must have the dtype of w, {w.dtype}; got {g.dtype}")
+        raise TypeError(f"{g_name} must have the dtype of {w_name}, {w.dtype}; got {g.dtype}")
     if g.shape != w.shape:
-        raise ValueError(f"g must have the shape of w, {w.shape}; got {g.shape}")
+        raise ValueError(f"{g_name} must have the shape of {w_name}, {w.shape}; got {g.shape}")
     if writes_g and not g.flags.writeable:
-        raise ValueError("g must be writeable; got a read-only array")
+        raise ValueError(f"{g_name} must be writeable; got a read-only array")
 
 
 def accepts(array: object) -> bool:
@@ -165,3 +171,146 @@ def trust_ratio(w, g, hyper: Hyperparameters, parallel: bool = True) -> float:
         return _gpu_module().trust_ratio(w, g, hyper, stream)
     check_pair(w, g, writes_g=False)
     return _cpu.trust_ratio(kernel_view(w), kernel_view(g), hyper, parallel)
+
+
+# -- many pairs ----------------------------------------------------------------
+
+
+def scale_all(
+    ws: object,
+    gs: object,
+    hyper: Hyperparameters,
+    weight_decay_mask: object,
+    trust_ratio_mask: object,
+    rates: object,
+    parallel: bool = True,
+) -> None:
+    """Scale every ``gs[i]`` in place after checking every argument.
+
+    The masks are ``None`` or one bool per pair; a pair outside
+    ``trust_ratio_mask`` keeps rate 1, one outside ``weight_decay_mask`` gets no
+    weight decay. ``rates``, if not ``None``, receives each pair's rate.
+    """
+    ws = _array_sequence("ws", ws)
+    gs = _array_sequence("gs", gs)
+    if len(gs) != len(ws):
+        raise ValueError(f"gs must hold one array per array of ws, {len(ws)}; got {len(gs)}")
+    table = hyperparameter_table(hyper, len(ws), weight_decay_mask, trust_ratio_mask)
+    arrays = (*ws, *gs) if rates is None else (*ws, *gs, rates)
+    # Plain NumPy arrays, the common case, are told apart without a call per array.
+    if all(isinstance(array, np.ndarray) for array in arrays) or not any(map(on_gpu, arrays)):
+        _scale_all_cpu(ws, gs, table, rates, parallel)
+        return
+    names = [*(f"ws[{i}]" for i in range(len(ws))), *(f"gs[{i}]" for i in range(len(gs)))]
+    names.append("rates")  # unused when rates is None: zip stops at the arrays
+    placed = list(zip(names, arrays, strict=False))
+    cpu = next((name for name, array in placed if isinstance(array, np.ndarray)), None)
+    if cpu is not None:
+        gpu = next(name for name, array in placed if on_gpu(array))
+        raise TypeError(
+            "the arrays must all be NumPy arrays or all CUDA arrays; "
+            f"got {cpu} on the CPU and {gpu} on the GPU"
+        )
+    gpu = _gpu_module()
+    ws = [gpu.as_device_array(w) for w in ws]
+    gs = [gpu.as_device_array(g) for g in gs]
+    for i, (w, g) in enumerate(zip(ws, gs, strict=True)):
+        check_pair(w, g, writes_g=False, names=(f"ws[{i}]", f"gs[{i}]"))
+    if rates is not None:
+        rates = gpu.as_device_array(rates)
+        _check_rates(rates, len(ws))
+    gpu.scale_all(ws, gs, table, rates, gpu.caller_stream(ws[0], gs[0]) if ws else 0)
+
+
+def _array_sequence(name: str, value: object) -> list:
+    if isinstance(value, np.ndarray) or on_gpu(value):
+        raise TypeError(f"{name} must be a sequence of arrays; got one array")
+    try:
+        return list(value)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be a sequence of arrays; got {type(value).__name__}"
+        ) from None
+
+
+def hyperparameter_table(
+    hyper: Hyperparameters, pairs: int, weight_decay_mask: object, trust_ratio_mask: object
+) -> np.ndarray:
+    """Each pair's hyperparameters, a row of ``hyper`` with the masks applied.
+
+    A pair outside ``trust_ratio_mask`` gets an infinite threshold, which no
+    norm exceeds, hence rate 1; one outside ``weight_decay_mask`` gets weight
+    decay 0. So a masked pair runs the kernels' one rule, not a second one.
+    """
+    table = np.empty((pairs, len(HYPERPARAMETERS)))
+    table[:] = hyper
+    for name, mask, column, value in (
+        ("trust_ratio_mask", trust_ratio_mask, HYPERPARAMETERS.index("threshold"), math.inf),
+        ("weight_decay_mask", weight_decay_mask, HYPERPARAMETERS.index("weight_decay"), 0.0),
+    ):
+        if mask is not None:
+            table[~_bool_mask(name, mask, pairs), column] = value
+    return table
+
+
+def _bool_mask(name: str, mask: object, pairs: int) -> np.ndarray:
+    values = np.asarray(mask)
+    if values.size == 0:  # an empty list is float64 to NumPy
+        values = values.astype(np.bool_)
+    if values.dtype != np.bool_:
+        raise TypeError(f"{name} must hold booleans, one per pair; got dtype {values.dtype}")
+    if values.shape != (pairs,):
+        raise ValueError(f"{name} must hold one boolean per pair, ({pairs},); got {values.shape}")
+    return values
+
+
+def _check_rates(rates: object, pairs: int) -> None:
+    if not accepts(rates) or rates.dtype != np.float64:
+        kind = getattr(rates, "dtype", type(rates).__name__)
+        raise TypeError(f"rates must be a float64 array; got {kind}")
+    if rates.shape != (pairs,):
+        raise ValueError(f"rates must have one entry per pair, ({pairs},); got {rates.shape}")
+    if isinstance(rates, np.ndarray) and not rates.flags.writeable:
+        raise ValueError("rates must be writeable; got a read-only array")
+
+
+def _scale_all_cpu(ws: list, gs: list, table: np.ndarray, rates, parallel: bool) -> None:
+    pairs = len(ws)
+    for i, (w, g) in enumerate(zip(ws, gs, strict=True)):
+        # Plain float arrays of one dtype and shape are passed inline, without
+        # the calls of check_pair: this loop runs over every pair of a model.
+        if not (
+            type(w) is np.ndarray
+            and type(g) is np.ndarray
+            and w.dtype in _FLOAT_DTYPES
+            and g.dtype == w.dtype
+            and g.shape == w.shape
+            and g.flags.writeable
+        ):
+            check_pair(w, g, writes_g=True, names=(f"ws[{i}]", f"gs[{i}]"))
+    if rates is None:
+        rates = np.empty(pairs)
+    else:
+        _check_rates(rates, pairs)
+    views = [kernel_view(array) for array in (*ws, *gs)]
+    views.append(rates)
+    bounds = np.array([_cpu.memory_bounds(view) for view in views], dtype=np.int64)
+    lows, highs = bounds[:, 0], bounds[:, 1]
+    # The update reads w while writing g: as in scale, a w that overlaps its
+    # own g without being the same view of it is copied first.
+    for i in np.flatnonzero((lows[:pairs] < highs[pairs:-1]) & (lows[pairs:-1] < highs[:pairs])):
+        w, g = views[i], views[pairs + i]
+        if w is not g and w.__array_interface__ != g.__array_interface__:
+            views[i] = w.copy()
+            lows[i], highs[i] = _cpu.memory_bounds(views[i])
+    owners = np.concatenate((np.arange(pairs), np.arange(pairs), [pairs]))
+    written = np.repeat((False, True, True), (pairs, pairs, 1))
+    first, second = _cpu.first_overlap(lows, highs, owners, written)
+    if first >= 0:
+        names = [*(f"ws[{i}]" for i in range(pairs)), *(f"gs[{i}]" for i in range(pairs)), "rates"]
+        raise ValueError(
+            f"{names[min(first, second)]} and {names[max(first, second)]} overlap in memory; "
+            "the address range of an array that is written must not overlap those of "
+            "another pair's arrays"
+        )
+    _cpu.scale_many(views[:pairs], views[pairs:-1], lows, table, rates, parallel)

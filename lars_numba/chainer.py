@@ -5,21 +5,76 @@ This is the only module of the package that imports chainer.
 
 from __future__ import annotations
 
+import fnmatch
+import math
 import warnings
+from collections.abc import Callable, Iterable
 
 import chainer
 import chainer.optimizer_hooks
+import numpy as np
 
 from . import _api
 
-__all__ = ["FallbackWarning", "GradientLARS"]
+__all__ = ["FallbackWarning", "FusedGradientLARS", "GradientLARS"]
+
+#: What ``exclude`` and its finer variants take: patterns over parameter paths
+#: such as ``'/conv1/b'`` (:func:`fnmatch.fnmatchcase`, so ``'*/b'`` is every
+#: bias), or a predicate called with the path and the parameter.
+Exclusion = str | Iterable[str] | Callable[[str, chainer.Parameter], bool] | None
 
 
 class FallbackWarning(UserWarning):
     """A hook met arrays the kernels do not take and used Chainer's arithmetic instead."""
 
 
-class GradientLARS:
+class _Hyperparameters:
+    """The hyperparameters and the fallback that both hooks share."""
+
+    def __init__(self, threshold: float, weight_decay: float, eps: float, parallel: bool):
+        # Checked here to fail at construction rather than at the first update.
+        _api.hyperparameters(threshold, weight_decay, eps)
+        self.threshold = threshold
+        self.weight_decay = weight_decay
+        self.eps = eps
+        self.parallel = parallel
+        self._warned = False
+
+    def _hyper(self) -> _api.Hyperparameters:
+        return _api.hyperparameters(self.threshold, self.weight_decay, self.eps)
+
+    def _fall_back(
+        self,
+        rule: chainer.UpdateRule | None,
+        param: chainer.Parameter,
+        *,
+        decays: bool = True,
+        adapts: bool = True,
+    ) -> None:
+        """Chainer's own hook, which computes through ``param.device.xp``.
+
+        ``decays`` and ``adapts`` say whether ``param`` gets weight decay and
+        its trust ratio; an infinite threshold gives Chainer's hook rate 1.
+        """
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"lars_numba's kernels do not take parameter {param.name!r}, a "
+                f"{type(param.array).__name__} with a {type(param.grad).__name__} gradient; "
+                f"{type(self).__name__} uses Chainer's slower arithmetic for such parameters",
+                FallbackWarning,
+                stacklevel=3,
+            )
+        # Both paths refuse the same hyperparameters, which Chainer's hook does not check.
+        self._hyper()
+        chainer.optimizer_hooks.GradientLARS(
+            self.threshold if adapts else math.inf,
+            self.weight_decay if decays else 0.0,
+            self.eps,
+        )(rule, param)
+
+
+class GradientLARS(_Hyperparameters):
     """Optimizer/UpdateRule hook for layer-wise adaptive rate scaling (LARS).
 
     A drop-in for :class:`chainer.optimizer_hooks.GradientLARS`, with the same
@@ -110,13 +165,7 @@ class GradientLARS:
         eps: float = 1e-9,
         parallel: bool = False,
     ):
-        # Checked here to fail at construction rather than at the first update.
-        _api.hyperparameters(threshold, weight_decay, eps)
-        self.threshold = threshold
-        self.weight_decay = weight_decay
-        self.eps = eps
-        self.parallel = parallel
-        self._warned = False
+        super().__init__(threshold, weight_decay, eps, parallel)
 
     def __call__(self, rule: chainer.UpdateRule | None, param: chainer.Parameter) -> None:
         w, g = param.array, param.grad
@@ -125,25 +174,186 @@ class GradientLARS:
         if not (_api.accepts(w) and _api.accepts(g)):
             self._fall_back(rule, param)
             return
-        hyper = _api.hyperparameters(self.threshold, self.weight_decay, self.eps)
+        hyper = self._hyper()
         # Optimizer.add_hook calls the hook outside the update rule's device
         # scope; the CUDA kernels run on the current device, which must be w's.
         with chainer.using_device(param.device):
             _api.scale(w, g, hyper, self.parallel)
 
-    def _fall_back(self, rule: chainer.UpdateRule | None, param: chainer.Parameter) -> None:
-        """Chainer's own hook, which computes through ``param.device.xp``."""
-        if not self._warned:
-            self._warned = True
-            warnings.warn(
-                f"lars_numba's kernels do not take parameter {param.name!r}, a "
-                f"{type(param.array).__name__} with a {type(param.grad).__name__} gradient; "
-                "GradientLARS uses Chainer's slower arithmetic for such parameters",
-                FallbackWarning,
-                stacklevel=3,
+
+class FusedGradientLARS(_Hyperparameters):
+    """LARS for a whole model in one call per update, with exclusions and reporting.
+
+    The rule of :class:`GradientLARS`, with results identical to registering
+    it, but Chainer calls this hook once per update with the optimizer
+    (``call_for_each_param = False``), and it scales the gradients of every
+    parameter that has an array and a gradient with one
+    :func:`lars_numba.scale_all` per device: one compiled call on the CPU, a
+    few shared kernel launches on a GPU, instead of a call and its overhead
+    per parameter. Register it with ``optimizer.add_hook``; an update rule
+    calls its hooks per parameter, so use :class:`GradientLARS` there.
+
+    Parameters
+    ----------
+    threshold, weight_decay, eps : float, optional
+        As for :class:`GradientLARS`.
+    exclude : str, iterable of str or callable, optional
+        The parameters that get neither weight decay nor scaling: their
+        gradients are left as they are, as if the hook did not see them.
+        Patterns over parameter paths such as ``'/conv1/b'``, matched with
+        :func:`fnmatch.fnmatchcase` (``'*/b'`` is every bias,
+        ``('*/gamma', '*/beta')`` every batch normalization), or a predicate
+        ``exclude(path, param) -> bool``. Each path is decided at its first
+        update and the decision kept.
+    exclude_from_weight_decay, exclude_from_adaptation : optional
+        The finer split, in the same forms as ``exclude``: parameters that get
+        no weight decay, or keep rate 1 (the weight decay is still added), as
+        TensorFlow's LARS options of these names. A parameter matched by
+        ``exclude`` or by both is excluded from both.
+    report : bool, optional
+        Report each parameter's trust ratio to :func:`chainer.report` as
+        ``'lars' + path``, such as ``'lars/conv1/W'``, so that
+        :class:`~chainer.training.extensions.LogReport` and
+        :class:`~chainer.training.extensions.PlotReport` can log and plot
+        them. Parameters that take Chainer's fallback arithmetic are not
+        reported. Off by default, and then it costs nothing.
+    parallel : bool, optional
+        As for :class:`GradientLARS`.
+
+    Attributes
+    ----------
+    threshold, weight_decay, eps, report : float or bool
+        As above; read at every call.
+    name : str
+        ``'FusedGradientLARS'``, the default name of the registration.
+    timing : str
+        ``'pre'``: the hook runs before the update rules.
+    call_for_each_param : bool
+        ``False``: the optimizer calls the hook once per update.
+
+    Raises
+    ------
+    TypeError
+        If a hyperparameter is not a real number or an exclusion is not of
+        the forms above, here or at a call.
+    ValueError
+        If a hyperparameter is negative or not finite, here or at a call.
+
+    Examples
+    --------
+    >>> import chainer
+    >>> import numpy as np
+    >>> from lars_numba.chainer import FusedGradientLARS
+    >>> model = chainer.links.Linear(2, 1, initialW=np.array([[3.0, 4.0]], np.float32))
+    >>> optimizer = chainer.optimizers.SGD(lr=0.1).setup(model)
+    >>> optimizer.add_hook(FusedGradientLARS(eps=0.0, exclude="*/b", report=True))
+    >>> model.W.grad = np.array([[0.75, 1.0]], np.float32)  # rate = 5 / 1.25
+    >>> model.b.grad = np.ones(1, np.float32)  # excluded: left as it is
+    >>> reporter = chainer.Reporter()
+    >>> with reporter.scope(observation := {}):
+    ...     optimizer.update()
+    >>> observation
+    {'lars/W': 4.0}
+    >>> model.W.array, model.b.array
+    (array([[2.7, 3.6]], dtype=float32), array([-0.1], dtype=float32))
+    """
+
+    name = "FusedGradientLARS"
+    call_for_each_param = False
+    timing = "pre"
+
+    def __init__(
+        self,
+        threshold: float = 1e-2,
+        weight_decay: float = 0.0,
+        eps: float = 1e-9,
+        exclude: Exclusion = None,
+        *,
+        exclude_from_weight_decay: Exclusion = None,
+        exclude_from_adaptation: Exclusion = None,
+        report: bool = False,
+        parallel: bool = False,
+    ):
+        super().__init__(threshold, weight_decay, eps, parallel)
+        self.report = report
+        self._exclusions = tuple(
+            _exclusion(name, value)
+            for name, value in (
+                ("exclude", exclude),
+                ("exclude_from_weight_decay", exclude_from_weight_decay),
+                ("exclude_from_adaptation", exclude_from_adaptation),
             )
-        # Both paths refuse the same hyperparameters, which Chainer's hook does not check.
-        _api.hyperparameters(self.threshold, self.weight_decay, self.eps)
-        chainer.optimizer_hooks.GradientLARS(self.threshold, self.weight_decay, self.eps)(
-            rule, param
         )
+        self._rules: dict[str, tuple[bool, bool]] = {}
+
+    def __call__(self, optimizer: chainer.Optimizer, *args: object) -> None:
+        if args:
+            raise TypeError(
+                "FusedGradientLARS is called once per update with the optimizer: register it "
+                "with optimizer.add_hook, or use GradientLARS with update_rule.add_hook"
+            )
+        hyper = self._hyper()
+        groups: dict[str, list[tuple[str, chainer.Parameter]]] = {}
+        for path, param in optimizer.target.namedparams():
+            # An uninitialized parameter refuses to give its gradient: ask in order.
+            w = param.array
+            g = None if w is None else param.grad
+            if g is None:
+                continue
+            decays, adapts = self._rule_for(path, param)
+            if not (decays or adapts):
+                continue
+            if not (_api.accepts(w) and _api.accepts(g)):
+                self._fall_back(None, param, decays=decays, adapts=adapts)
+                continue
+            device = "@numpy" if isinstance(w, np.ndarray) else param.device.name
+            groups.setdefault(device, []).append((path, param))
+        for members in groups.values():
+            self._scale(members, hyper)
+
+    def _rule_for(self, path: str, param: chainer.Parameter) -> tuple[bool, bool]:
+        """Whether ``param`` gets weight decay, and its trust ratio: decided once per path."""
+        rule = self._rules.get(path)
+        if rule is None:
+            both, decay, adaptation = (matches(path, param) for matches in self._exclusions)
+            rule = self._rules[path] = (not (both or decay), not (both or adaptation))
+        return rule
+
+    def _scale(self, members: list[tuple[str, chainer.Parameter]], hyper) -> None:
+        params = [param for _, param in members]
+        rules = [self._rules[path] for path, _ in members]
+        masks = [None, None]
+        if not all(decays and adapts for decays, adapts in rules):
+            masks = [[rule[column] for rule in rules] for column in (0, 1)]
+        device = params[0].device
+        rates = device.xp.empty(len(params)) if self.report else None
+        # The CUDA kernels run on the current device, which must be the arrays'.
+        with chainer.using_device(device):
+            _api.scale_all(
+                [param.array for param in params],
+                [param.grad for param in params],
+                hyper,
+                *masks,
+                rates,
+                self.parallel,
+            )
+        if rates is not None:
+            # Python floats from the CPU; on a GPU, device scalars that the
+            # reporter's summaries read only when they log.
+            values = rates.tolist() if isinstance(rates, np.ndarray) else rates
+            paths = [path for path, _ in members]
+            chainer.report({"lars" + path: rate for path, rate in zip(paths, values, strict=True)})
+
+
+def _exclusion(name: str, value: Exclusion) -> Callable[[str, chainer.Parameter], bool]:
+    """``value`` of ``exclude`` or its finer variants as a predicate."""
+    if value is None:
+        return lambda path, param: False
+    if callable(value):
+        return lambda path, param: bool(value(path, param))
+    patterns = (value,) if isinstance(value, str) else tuple(value)
+    if not all(isinstance(pattern, str) for pattern in patterns):
+        raise TypeError(
+            f"{name} must be a pattern, a sequence of patterns or a predicate; got {value!r}"
+        )
+    return lambda path, param: any(fnmatch.fnmatchcase(path, pattern) for pattern in patterns)

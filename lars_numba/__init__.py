@@ -166,7 +166,8 @@ def scale_all(
         The gradients, ``gs[i]`` of the dtype and shape of ``ws[i]``. A
         gradient may be its own weights or overlap them, but its address
         range must not overlap any other pair's arrays (interleaved strided
-        views are refused, though they share no element).
+        views are refused, though they share no element). This is checked
+        for NumPy arrays; on a GPU it is the caller's to ensure.
     threshold, weight_decay, eps : float, optional
         As for :func:`scale`, for every pair.
     weight_decay_mask : sequence of bool, optional

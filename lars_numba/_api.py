@@ -120,11 +120,16 @@ def _device_pair(w, g, *, writes_g: bool):
     # An object that is no array at all is left for check_pair to name.
     w_device, g_device = (gpu.as_device_array(a) if on_gpu(a) else a for a in (w, g))
     check_pair(w_device, g_device, writes_g=False)
-    # A device array has no writeable flag; the interface says read-only.
-    interface = getattr(g, "__cuda_array_interface__", None)
-    if writes_g and interface is not None and interface["data"][1]:
-        raise ValueError("g must be writeable; got a read-only array")
+    if writes_g:
+        _refuse_read_only_interface("g", g)
     return w_device, g_device, gpu.caller_stream(w, g)
+
+
+def _refuse_read_only_interface(name: str, array: object) -> None:
+    """A device array has no writeable flag; its ``__cuda_array_interface__`` may say read-only."""
+    interface = getattr(array, "__cuda_array_interface__", None)
+    if interface is not None and interface["data"][1]:
+        raise ValueError(f"{name} must be writeable; got a read-only array")
 
 
 def _device_name(array: object) -> str:
@@ -212,13 +217,16 @@ def scale_all(
             f"got {cpu} on the CPU and {gpu} on the GPU"
         )
     gpu = _gpu_module()
+    for i, g in enumerate(gs):
+        _refuse_read_only_interface(f"gs[{i}]", g)
+    if rates is not None:
+        _refuse_read_only_interface("rates", rates)
+        rates = gpu.as_device_array(rates)
+        _check_rates(rates, len(ws))
     ws = [gpu.as_device_array(w) for w in ws]
     gs = [gpu.as_device_array(g) for g in gs]
     for i, (w, g) in enumerate(zip(ws, gs, strict=True)):
         check_pair(w, g, writes_g=False, names=(f"ws[{i}]", f"gs[{i}]"))
-    if rates is not None:
-        rates = gpu.as_device_array(rates)
-        _check_rates(rates, len(ws))
     gpu.scale_all(ws, gs, table, rates, gpu.caller_stream(ws[0], gs[0]) if ws else 0)
 
 

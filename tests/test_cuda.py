@@ -1,4 +1,5 @@
-"""The CUDA path against the float64 oracle, its input checks, streams and scratch.
+"""The CUDA path against the float64 oracle: scale, trust_ratio and the launches of
+scale_all, input checks, streams and scratch.
 
 Runs on Numba's CUDA simulator when there is no GPU (see conftest.py) and
 unchanged on a GPU. The simulator runs a Python thread per GPU thread, so the
@@ -385,3 +386,359 @@ def test_resnet50_shapes_are_torchvision_s_parameters():
     # The parameter list docs/gpu.rst and the benchmarks are computed for.
     assert len(RESNET50_SHAPES) == 161
     assert sum(math.prod(shape) for shape in RESNET50_SHAPES) == 25_557_032
+
+
+# -- many pairs in one call: scale_all -----------------------------------------
+
+TABLE_ROW = (HYPER["threshold"], HYPER["weight_decay"], HYPER["eps"])
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 32 elements, so that a few hundred make many chunks and blocks."""
+    monkeypatch.setattr(_cuda, "CHUNK_SIZE", 32)
+
+
+def make_pairs(specs, seed=0):
+    """Host parents and device views for ``specs``, a list of (dtype, w layout, g layout)."""
+    pairs = []
+    for i, (dtype, w_layout, g_layout) in enumerate(specs):
+        (w_shape, w_view), (g_shape, g_view) = LAYOUTS[w_layout], LAYOUTS[g_layout]
+        w_parent = values(w_shape, dtype, 2 * i + seed)
+        g_parent = values(g_shape, dtype, 2 * i + seed + 1)
+        d_w_parent, d_g_parent = cuda.to_device(w_parent), cuda.to_device(g_parent)
+        pairs.append((w_parent, w_view, g_parent, g_view, d_w_parent, d_g_parent))
+    return pairs
+
+
+def run_scale_all(
+    oracle,
+    pairs,
+    table=None,
+    *,
+    with_rates=True,
+    handle=0,
+    weight_decay_mask=None,
+    trust_ratio_mask=None,
+):
+    """``lars_numba.scale_all`` on the pairs' device views, checked against the oracle.
+
+    Given a table of hyperparameters, ``_cuda.scale_all`` is called with it
+    and the stream ``handle`` instead. Returns the rates, if asked for.
+    """
+    d_ws = [w_view(d_w) for _, w_view, _, _, d_w, _ in pairs]
+    d_gs = [g_view(d_g) for _, _, _, g_view, _, d_g in pairs]
+    rates = cuda.to_device(np.full(len(pairs), -1.0)) if with_rates else None
+    if table is None:
+        lars_numba.scale_all(
+            d_ws,
+            d_gs,
+            rates=rates,
+            weight_decay_mask=weight_decay_mask,
+            trust_ratio_mask=trust_ratio_mask,
+            **HYPER,
+        )
+        table = masked_table(len(pairs), weight_decay_mask, trust_ratio_mask)
+    else:
+        _cuda.scale_all(d_ws, d_gs, table, rates, handle)
+
+    expected_rates = []
+    for (w_parent, w_view, g_parent, g_view, d_w, d_g), row in zip(pairs, table, strict=True):
+        expected_rate, expected_g = oracle(w_view(w_parent), g_view(g_parent), *row)
+        expected_rates.append(expected_rate)
+        expected = g_parent.astype(np.float64)
+        g_view(expected)[...] = expected_g  # g's parent outside the view is kept
+        assert_matches_oracle(d_g.copy_to_host(), expected, g_parent.dtype)
+        np.testing.assert_array_equal(d_w.copy_to_host(), w_parent)
+    if not with_rates:
+        return None
+    np.testing.assert_allclose(rates.copy_to_host(), expected_rates, rtol=1e-12)
+    return rates.copy_to_host()
+
+
+def uniform_table(n):
+    return np.tile(TABLE_ROW, (n, 1))
+
+
+def masked_table(n, weight_decay_mask=None, trust_ratio_mask=None):
+    """HYPER for each pair, as the oracle takes it: a pair outside a mask gets
+    weight decay 0, or an infinite threshold, which no norm exceeds."""
+    table = uniform_table(n)
+    if weight_decay_mask is not None:
+        table[~np.asarray(weight_decay_mask), 1] = 0.0
+    if trust_ratio_mask is not None:
+        table[~np.asarray(trust_ratio_mask), 0] = np.inf
+    return table
+
+
+CONTIGUOUS = ["0-d", "1-d", "C", "F"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scale_all_matches_the_oracle_for_each_dtype(dtype, small_chunks, oracle):
+    specs = [(dtype, layout, layout) for layout in CONTIGUOUS]
+    run_scale_all(oracle, make_pairs(specs))
+
+
+def test_scale_all_mixes_dtypes_in_one_call(small_chunks, launches, oracle):
+    specs = [(DTYPES[i % 3], CONTIGUOUS[i % 4], CONTIGUOUS[i % 4]) for i in range(9)]
+    run_scale_all(oracle, make_pairs(specs, seed=10))
+    assert launches() == 2 * 3  # a group per dtype
+
+
+@pytest.mark.parametrize("with_rates", [True, False])
+def test_scale_all_takes_strided_pairs_one_by_one(with_rates, small_chunks, launches, oracle):
+    # Among contiguous pairs, so that both paths run in one call.
+    specs = [
+        (np.float32, "strided", "strided"),
+        (np.float32, "1-d", "1-d"),
+        (np.float64, "3-d strided", "3-d strided"),
+        (np.float32, "1-d strided", "1-d"),
+        (np.float16, "C", "F"),  # both contiguous, but not in the same order
+        (np.float32, "C", "C"),
+    ]
+    run_scale_all(oracle, make_pairs(specs, seed=20), with_rates=with_rates)
+    # One group for the two float32 pairs; two launches for each other pair,
+    # and one to store its rate.
+    assert launches() == 2 + 4 * (3 if with_rates else 2)
+
+
+def test_scale_all_gives_zero_size_pairs_rate_one(small_chunks, oracle):
+    w = values((4, 6), np.float32, 30)
+    g = values((4, 6), np.float32, 31)
+    pairs = make_pairs([(np.float64, "1-d", "1-d")], seed=32)
+    empty = [
+        cuda.device_array((0,), np.float32),
+        cuda.device_array((2, 0, 3), np.float16),
+        cuda.to_device(w)[:, 6:],  # a strided view of nothing
+    ]
+    ws = [*empty, pairs[0][1](pairs[0][4])]
+    gs = [*empty[:2], cuda.to_device(g)[:, 6:], pairs[0][3](pairs[0][5])]
+    rates = cuda.to_device(np.full(4, -1.0))
+    lars_numba.scale_all(ws, gs, rates=rates, **HYPER)
+    expected_rate, expected = oracle(pairs[0][0], pairs[0][2], *TABLE_ROW)
+    np.testing.assert_allclose(rates.copy_to_host(), [1, 1, 1, expected_rate], rtol=1e-12)
+    assert_matches_oracle(pairs[0][5].copy_to_host(), expected, np.float64)
+
+
+def test_scale_all_with_only_zero_size_pairs_writes_rates_of_one():
+    pairs = [cuda.device_array((0,), np.float32) for _ in range(3)]
+    rates = cuda.to_device(np.zeros(3))
+    lars_numba.scale_all(pairs, pairs, rates=rates)
+    np.testing.assert_array_equal(rates.copy_to_host(), [1, 1, 1])
+
+
+def test_the_table_gives_each_pair_its_own_hyperparameters(small_chunks, oracle):
+    # An infinite threshold keeps rate 1 (outside the trust-ratio mask) and a
+    # weight decay of 0 adds none (outside the weight-decay mask), on both paths.
+    specs = [
+        (np.float32, layout, layout) for layout in ("1-d", "C", "strided", "1-d", "3-d strided")
+    ]
+    table = np.array(
+        [
+            [np.inf, 0.1, 1e-9],
+            [1e-2, 0.0, 1e-9],
+            [np.inf, 0.0, 1e-9],
+            [0.5, 1e-3, 1e-3],
+            [1e-2, 0.2, 0.0],
+        ]
+    )
+    rates = run_scale_all(oracle, make_pairs(specs, seed=40), table)
+    assert rates[0] == 1.0 and rates[2] == 1.0
+    assert rates[1] != 1.0 and rates[3] != 1.0
+
+
+@pytest.mark.parametrize(
+    ("weight_decay_mask", "trust_ratio_mask"),
+    [
+        ([True, False, True, False, True], None),
+        (None, [False, True, False, True, True]),
+        ([False, False, True, True, False], [True, False, False, True, False]),
+    ],
+)
+def test_scale_all_masks_match_the_oracle(
+    weight_decay_mask, trust_ratio_mask, small_chunks, oracle
+):
+    # Masked pairs on both paths: contiguous ones in the groups, strided alone.
+    layouts = ("1-d", "strided", "C", "3-d strided", "F")
+    specs = [(np.float32, layout, layout) for layout in layouts]
+    rates = run_scale_all(
+        oracle,
+        make_pairs(specs, seed=45),
+        weight_decay_mask=weight_decay_mask,
+        trust_ratio_mask=trust_ratio_mask,
+    )
+    if trust_ratio_mask is not None:
+        assert all(rate == 1.0 for rate, on in zip(rates, trust_ratio_mask, strict=True) if not on)
+
+
+def flat_pairs(sizes, dtypes, seed):
+    """Pairs as ``make_pairs`` makes them, of 1-d arrays of the given sizes."""
+    pairs = []
+    for i, (size, dtype) in enumerate(zip(sizes, dtypes, strict=True)):
+        w, g = values(size, dtype, seed + 2 * i), values(size, dtype, seed + 2 * i + 1)
+        pairs.append((w, lambda a: a, g, lambda a: a, cuda.to_device(w), cuda.to_device(g)))
+    return pairs
+
+
+def test_scale_all_handles_many_small_arrays(monkeypatch, oracle):
+    # 40 pairs of 1 to 100 elements in three dtypes, two float32 groups at the
+    # shipped tuple width, and pairs that span several chunks.
+    monkeypatch.setattr(_cuda, "CHUNK_SIZE", 32)
+    sizes = np.random.default_rng(50).integers(1, 100, size=40)
+    dtypes = [
+        DTYPES[0] if i % 7 == 0 else DTYPES[2] if i % 5 == 0 else DTYPES[1] for i in range(40)
+    ]
+    run_scale_all(oracle, flat_pairs(sizes, dtypes, seed=100))
+
+
+class LaunchCounter:
+    """Wraps a kernel: counts its launches and otherwise leaves it alone."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, configuration):
+        self.launches += 1
+        return self.kernel[configuration]
+
+
+KERNELS = (
+    "sum_squares_pair",
+    "apply_rate",
+    "store_rate",
+    "sum_squares_chunks",
+    "apply_rate_chunks",
+)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The number of kernel launches so far, all of ``_cuda``'s kernels counted."""
+    counters = []
+    for name in KERNELS:
+        counters.append(LaunchCounter(getattr(_cuda, name)))
+        monkeypatch.setattr(_cuda, name, counters[-1])
+    return lambda: sum(counter.launches for counter in counters)
+
+
+@pytest.mark.parametrize("width", [1, 3, 7])
+def test_more_pairs_than_the_tuple_width_take_more_groups(width, launches, monkeypatch, oracle):
+    # The simulator's barriers cost time per thread: few threads, few elements.
+    set_grid(monkeypatch, threads=2, min_blocks=1, max_blocks=2)
+    monkeypatch.setattr(_cuda, "TUPLE_WIDTH", width)
+    monkeypatch.setattr(_cuda, "CHUNK_SIZE", 4)
+    sizes = [1, 5, 9, 2, 4, 3, 8, 1, 6, 7, 3, 0, 5, 2]
+    dtypes = [np.float32] * 10 + [np.float64] * 4
+    run_scale_all(oracle, flat_pairs(sizes, dtypes, seed=60))
+    assert launches() == 2 * (math.ceil(10 / width) + math.ceil(4 / width))
+
+
+def test_resnet50_takes_at_most_16_launches(launches, monkeypatch):
+    # ResNet-50's 161 float32 pairs, each cut to 2 elements: the grouping
+    # depends on the number of pairs and their dtypes, not their sizes.
+    set_grid(monkeypatch, threads=2, min_blocks=1, max_blocks=2)
+    arrays = [cuda.to_device(np.ones(2, np.float32)) for _ in RESNET50_SHAPES]
+    lars_numba.scale_all(arrays, arrays)
+    assert launches() == 2 * math.ceil(161 / _cuda.TUPLE_WIDTH)
+    assert launches() <= 16
+
+
+def test_resnet50_plan_cuts_every_array_into_chunks():
+    # The shipped chunk size on ResNet-50's real sizes, without running a kernel.
+    layout = [(np.dtype(np.float32), math.prod(shape)) for shape in RESNET50_SHAPES]
+    plan = _cuda._make_plan(layout, uniform_table(len(layout)), 0)
+    assert len(plan.groups) == math.ceil(161 / _cuda.TUPLE_WIDTH)
+    chunks = np.concatenate([group.chunks.copy_to_host() for group in plan.groups])
+    sizes = np.array([size for _, size in layout])
+    assert sorted({pair for group in plan.groups for pair in group.pairs}) == list(range(161))
+    assert chunks.shape[0] == np.sum(np.maximum(1, -(-sizes // _cuda.CHUNK_SIZE)))
+    covered = np.zeros(161, np.int64)
+    np.add.at(covered, chunks[:, 5], chunks[:, 2] - chunks[:, 1])
+    np.testing.assert_array_equal(covered, sizes)
+    assert np.all(chunks[:, 2] - chunks[:, 1] <= _cuda.CHUNK_SIZE)
+
+
+@pytest.mark.parametrize(
+    ("threads", "min_blocks", "max_blocks", "chunk"),
+    [
+        (8, 1, 1, 16),  # one block walks every chunk
+        (8, 7, 7, 256),  # more blocks than chunks: most have nothing
+        (1, 1, 5, 8),  # one thread per block
+        (4, 1, 8, 4),  # one element per thread
+    ],
+)
+def test_scale_all_grid_sizes_do_not_change_the_result(
+    threads, min_blocks, max_blocks, chunk, monkeypatch, oracle
+):
+    set_grid(monkeypatch, threads, min_blocks, max_blocks)
+    monkeypatch.setattr(_cuda, "CHUNK_SIZE", chunk)
+    sizes, dtypes = [70, 37, 1], [np.float64, np.float32, np.float64]
+    run_scale_all(oracle, flat_pairs(sizes, dtypes, seed=70))
+
+
+def test_every_chunk_of_a_pair_is_scaled_by_the_same_rate(small_chunks):
+    # Equal elements must stay equal to the last bit: a rate that differed
+    # between the blocks of a pair would show in the chunks they scale.
+    w = np.full(1000, 0.7)
+    g = np.full(1000, 0.3)
+    d_w, d_g = cuda.to_device(w), cuda.to_device(g)
+    rates = cuda.to_device(np.zeros(1))
+    lars_numba.scale_all([d_w], [d_g], rates=rates, **HYPER)
+    after = d_g.copy_to_host()
+    assert np.unique(after).size == 1
+    rate = rates.copy_to_host()[0]
+    # A GPU may fuse the multiply-add: equal to within an ulp or two.
+    assert after[0] == pytest.approx(rate * (0.3 + HYPER["weight_decay"] * 0.7), rel=1e-15)
+
+
+def test_scale_all_reuses_its_tables_and_neither_allocates_nor_waits(
+    small_chunks, scratch_handles, monkeypatch, oracle
+):
+    monkeypatch.setattr(_cuda, "_plans", _cuda.OrderedDict())
+    shapes_and_dtypes = [(300, np.float32), ((3, 4), np.float64)]
+    rates = cuda.to_device(np.zeros(2))
+    first = [cuda.to_device(values(shape, dtype, 80)) for shape, dtype in shapes_and_dtypes]
+    lars_numba.scale_all(first, first, rates=rates, **HYPER)
+    (plan,) = _cuda._plans.values()
+    (scratch,) = _cuda._scratch.values()
+
+    # Other arrays of the same dtypes and sizes, as gradients allocated afresh
+    # at every step are: the tables on the device serve them unchanged.
+    ws = [values(shape, dtype, 81) for shape, dtype in shapes_and_dtypes]
+    gs = [values(shape, dtype, 82) for shape, dtype in shapes_and_dtypes]
+    d_ws, d_gs = [cuda.to_device(w) for w in ws], [cuda.to_device(g) for g in gs]
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("called by scale_all")
+
+    with monkeypatch.context() as patch:
+        for name in ("device_array", "to_device", "synchronize"):
+            patch.setattr(cuda, name, forbidden)
+        patch.setattr(type(d_ws[0]), "copy_to_host", forbidden)
+        patch.setattr(type(scratch.stream), "synchronize", forbidden)
+        lars_numba.scale_all(d_ws, d_gs, rates=rates, **HYPER)
+    assert next(iter(_cuda._plans.values())) is plan
+    for w, g, d_g in zip(ws, gs, d_gs, strict=True):
+        assert_matches_oracle(d_g.copy_to_host(), oracle(w, g, **HYPER)[1], g.dtype)
+
+    lars_numba.scale_all(d_ws, d_gs, rates=rates, weight_decay=0.5)  # a new plan
+    assert len(_cuda._plans) == 2
+    assert scratch_handles() == [0]
+
+
+def test_the_plan_cache_keeps_the_most_recent_plans(monkeypatch):
+    monkeypatch.setattr(_cuda, "_plans", _cuda.OrderedDict())
+    arrays = [cuda.to_device(np.ones(n, np.float32)) for n in range(1, _cuda.PLANS_KEPT + 3)]
+    for array in arrays:
+        _cuda.scale_all([array], [array], uniform_table(1), None, 0)
+    assert len(_cuda._plans) == _cuda.PLANS_KEPT
+    assert [key[4][0][1] for key in _cuda._plans] == list(range(3, _cuda.PLANS_KEPT + 3))
+
+
+def test_scale_all_runs_on_the_stream_it_is_given(caller_stream, scratch_handles, oracle):
+    stream, handle = caller_stream
+    specs = [(np.float32, "1-d", "1-d"), (np.float32, "strided", "strided")]
+    run_scale_all(oracle, make_pairs(specs, seed=90), uniform_table(2), handle=handle)
+    stream.synchronize()
+    assert scratch_handles() == [handle]

@@ -293,56 +293,68 @@ class FusedGradientLARS(_Hyperparameters):
                 "with optimizer.add_hook, or use GradientLARS with update_rule.add_hook"
             )
         hyper = self._hyper()
-        groups: dict[str, list[tuple[str, chainer.Parameter]]] = {}
+        groups: dict[str, _Group] = {}
         for path, param in optimizer.target.namedparams():
             # An uninitialized parameter refuses to give its gradient: ask in order.
             w = param.array
             g = None if w is None else param.grad
             if g is None:
                 continue
-            decays, adapts = self._rule_for(path, param)
-            if not (decays or adapts):
+            rule = self._rules.get(path) or self._rule_for(path, param)
+            if rule == (False, False):
                 continue
-            if not (_api.accepts(w) and _api.accepts(g)):
-                self._fall_back(None, param, decays=decays, adapts=adapts)
+            if type(w) is np.ndarray and type(g) is np.ndarray:
+                device = "@numpy"
+            elif _api.accepts(w) and _api.accepts(g):
+                device = param.device.name
+            else:
+                self._fall_back(None, param, decays=rule[0], adapts=rule[1])
                 continue
-            device = "@numpy" if isinstance(w, np.ndarray) else param.device.name
-            groups.setdefault(device, []).append((path, param))
-        for members in groups.values():
-            self._scale(members, hyper)
+            group = groups.get(device)
+            if group is None:
+                group = groups[device] = _Group(param.device)
+            group.add(path, w, g, rule)
+        for group in groups.values():
+            self._scale(group, hyper)
 
     def _rule_for(self, path: str, param: chainer.Parameter) -> tuple[bool, bool]:
         """Whether ``param`` gets weight decay, and its trust ratio: decided once per path."""
-        rule = self._rules.get(path)
-        if rule is None:
-            both, decay, adaptation = (matches(path, param) for matches in self._exclusions)
-            rule = self._rules[path] = (not (both or decay), not (both or adaptation))
+        both, decay, adaptation = (matches(path, param) for matches in self._exclusions)
+        rule = self._rules[path] = (not (both or decay), not (both or adaptation))
         return rule
 
-    def _scale(self, members: list[tuple[str, chainer.Parameter]], hyper) -> None:
-        params = [param for _, param in members]
-        rules = [self._rules[path] for path, _ in members]
+    def _scale(self, group: _Group, hyper: _api.Hyperparameters) -> None:
         masks = [None, None]
-        if not all(decays and adapts for decays, adapts in rules):
-            masks = [[rule[column] for rule in rules] for column in (0, 1)]
-        device = params[0].device
-        rates = device.xp.empty(len(params)) if self.report else None
+        if not all(decays and adapts for decays, adapts in group.rules):
+            masks = [[rule[column] for rule in group.rules] for column in (0, 1)]
+        rates = group.device.xp.empty(len(group.ws)) if self.report else None
         # The CUDA kernels run on the current device, which must be the arrays'.
-        with chainer.using_device(device):
-            _api.scale_all(
-                [param.array for param in params],
-                [param.grad for param in params],
-                hyper,
-                *masks,
-                rates,
-                self.parallel,
-            )
+        with chainer.using_device(group.device):
+            _api.scale_all(group.ws, group.gs, hyper, *masks, rates, self.parallel)
         if rates is not None:
             # Python floats from the CPU; on a GPU, device scalars that the
             # reporter's summaries read only when they log.
             values = rates.tolist() if isinstance(rates, np.ndarray) else rates
-            paths = [path for path, _ in members]
-            chainer.report({"lars" + path: rate for path, rate in zip(paths, values, strict=True)})
+            chainer.report(
+                {"lars" + path: rate for path, rate in zip(group.paths, values, strict=True)}
+            )
+
+
+class _Group:
+    """The parameters of one device that :class:`FusedGradientLARS` scales in one call."""
+
+    def __init__(self, device: chainer.backend.Device):
+        self.device = device
+        self.paths: list[str] = []
+        self.ws: list = []
+        self.gs: list = []
+        self.rules: list[tuple[bool, bool]] = []
+
+    def add(self, path: str, w, g, rule: tuple[bool, bool]) -> None:
+        self.paths.append(path)
+        self.ws.append(w)
+        self.gs.append(g)
+        self.rules.append(rule)
 
 
 def _exclusion(name: str, value: Exclusion) -> Callable[[str, chainer.Parameter], bool]:

@@ -264,6 +264,99 @@ def hook_rows(rounds: int) -> list[tuple[int, int, dict[str, float]]]:
     return [(n, size, measure_hook_overhead(n, size, rounds)) for n, size in HOOK_MODELS]
 
 
+# -- a whole model per update ---------------------------------------------------
+
+
+def whole_models() -> dict[str, tuple[tuple[int, ...], ...]]:
+    """The parameter shapes of the models timed whole, by name."""
+    from ._shapes import RESNET50_SHAPES
+
+    return {
+        f"ResNet-50 ({len(RESNET50_SHAPES)} arrays)": RESNET50_SHAPES,
+        "1000 x 16": ((16,),) * 1000,
+        "1000 x 1000": ((1000,),) * 1000,
+    }
+
+
+def model_candidates(shapes) -> tuple[dict[str, Callable[[], object]], int]:
+    """Ways to scale every gradient of a float32 model once, and its element count.
+
+    All of them work on the same arrays: rescaling the same gradients again
+    and again converges to a fixed point, so the work per call stays the same.
+    """
+    rng = np.random.default_rng(0)
+    ws = [rng.standard_normal(shape, dtype=np.float32) for shape in shapes]
+    gs = [rng.standard_normal(shape, dtype=np.float32) for shape in shapes]
+    candidates = {
+        "scale_loop": lambda: [
+            lars_numba.scale(w, g, weight_decay=WEIGHT_DECAY) for w, g in zip(ws, gs, strict=True)
+        ],
+        "scale_all": lambda: lars_numba.scale_all(ws, gs, weight_decay=WEIGHT_DECAY),
+    }
+    try:
+        import chainer
+    except ImportError:
+        return candidates, sum(w.size for w in ws)
+    from . import chainer as lars_chainer
+
+    model = chainer.Link()
+    with model.init_scope():
+        for i, (w, g) in enumerate(zip(ws, gs, strict=True)):
+            param = chainer.Parameter(w)
+            param.grad = g
+            setattr(model, f"p{i}", param)
+    optimizer = chainer.optimizers.SGD().setup(model)
+    params = list(model.params())
+
+    def per_parameter(hook):
+        return lambda: [hook(param.update_rule, param) for param in params]
+
+    return {
+        "chainer_hook": per_parameter(
+            chainer.optimizer_hooks.GradientLARS(weight_decay=WEIGHT_DECAY)
+        ),
+        "lars_hook": per_parameter(lars_chainer.GradientLARS(weight_decay=WEIGHT_DECAY)),
+        "fused_hook": functools.partial(
+            lars_chainer.FusedGradientLARS(weight_decay=WEIGHT_DECAY, parallel=True), optimizer
+        ),
+        **candidates,
+    }, sum(w.size for w in ws)
+
+
+def model_rows(names, rounds: int, bandwidth: float) -> list[tuple[str, int, dict[str, float]]]:
+    """Seconds per whole-model call of each candidate, and the floors at ``bandwidth``.
+
+    The floor of five passes counts what the two kernels move from memory;
+    the floor of three, what they would move if the second pass were served
+    from cache, as it is for pairs small enough to stay there.
+    """
+    rows = []
+    for name in names:
+        candidates, size = model_candidates(whole_models()[name])
+        times = interleaved(candidates, rounds)
+        times["floor5"] = 5 * 4 * size / bandwidth
+        times["floor3"] = 3 * 4 * size / bandwidth
+        rows.append((name, size, times))
+    return rows
+
+
+def _format_model_table(rows) -> str:
+    names = list(rows[0][2])
+    width = max(len(name) for name, _, _ in rows)
+    lines = [f"{'model':<{width}} {'elements':>9} " + " ".join(f"{n:>12}" for n in names)]
+    for name, size, times in rows:
+        lines.append(
+            f"{name:<{width}} {size:>9} " + " ".join(f"{times[n] * 1e3:>12.4g}" for n in names)
+        )
+    lines.append("ratios to scale_all:")
+    for name, _, times in rows:
+        lines.append(
+            f"{name:<{width}} {'':>9} "
+            + " ".join(f"{times[n] / times['scale_all']:>12.3g}" for n in names)
+        )
+    return "\n".join(lines)
+
+
 _FIRST_CALL = (
     "import time; start = time.perf_counter()\n"
     "import numpy as np, lars_numba\n"
@@ -285,6 +378,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lars_numba bench", description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=SIZES)
     parser.add_argument("--rounds", type=int, default=7, help="samples per candidate")
+    models = list(whole_models())
+    parser.add_argument(
+        "--models", nargs="+", choices=models, default=models, help="whole models to time"
+    )
     parser.add_argument(
         "--cutoff", action="store_true", help="time the serial and parallel kernels instead"
     )
@@ -317,6 +414,12 @@ def main(argv: list[str] | None = None) -> None:
         f"{numba.get_num_threads()}; times are medians per call"
     )
     print(_format_table(rows))
+
+    print(
+        "\nwhole model per update, float32, weight_decay="
+        f"{WEIGHT_DECAY}: milliseconds (medians), floors at {bandwidth[True] / 1e9:.1f} GB/s"
+    )
+    print(_format_model_table(model_rows(args.models, args.rounds, bandwidth[True])))
 
     hooks = hook_rows(args.rounds)
     if hooks:

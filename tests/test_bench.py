@@ -1,14 +1,27 @@
 """The benchmark table runs and reports every candidate (its figures are not checked here)."""
 
+import contextlib
 import importlib.util
+import warnings
 
 from lars_numba import bench
 
+# lars_numba.bench imports chainer lazily. Chainer's import warns about
+# numpy.distutils and setuptools, which pytest makes errors, so it is
+# imported here first, where it is installed, with those warnings ignored.
+with warnings.catch_warnings(), contextlib.suppress(ImportError):
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import chainer  # noqa: F401
+
 
 def test_the_table_has_a_row_per_size_and_the_hook_table_with_chainer(capsys):
-    bench.main(["--sizes", "64", "1000", "--rounds", "1"])
+    bench.main(["--sizes", "64", "1000", "--rounds", "1", "--models", "1000 x 16"])
     out = capsys.readouterr().out
-    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["64"], ["1000"])]
+    rows = [
+        line.split()
+        for line in out.splitlines()
+        if line.split()[:1] in (["64"], ["1000"]) and line.split()[1].isdigit()
+    ]
     assert [row[0] for row in rows] == ["64", "1000"]
     with_chainer = importlib.util.find_spec("chainer") is not None
     assert ("chainer/lars" in out) == with_chainer
@@ -27,3 +40,17 @@ def test_the_cutoff_table_times_both_kernels(capsys):
     serial, parallel, ratio = map(float, row[1:])
     assert serial > 0 and parallel > 0
     assert abs(ratio - serial / parallel) < 0.01 * ratio + 0.01
+
+
+def test_the_whole_model_table_times_every_candidate(capsys):
+    bench.main(["--sizes", "64", "--rounds", "1", "--models", "1000 x 16"])
+    lines = capsys.readouterr().out.splitlines()
+    names = next(line for line in lines if line.startswith("model")).split()[2:]
+    times, ratios = (line.split()[3:] for line in lines if line.startswith("1000 x 16"))
+    expected = {"scale_loop", "scale_all", "floor5", "floor3"}
+    if importlib.util.find_spec("chainer") is not None:
+        expected |= {"chainer_hook", "lars_hook", "fused_hook"}
+    assert set(names) == expected
+    assert len(ratios) == len(names) == len(times) - 1  # times start with the element count
+    assert all(float(value) > 0 for value in times + ratios)
+    assert float(ratios[names.index("scale_all")]) == 1

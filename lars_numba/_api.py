@@ -217,6 +217,8 @@ def scale_all(
             f"got {cpu} on the CPU and {gpu} on the GPU"
         )
     gpu = _gpu_module()
+    # Read from the arrays as given: a converted array forgets its interface's stream.
+    handle = gpu.caller_stream(ws[0], gs[0]) if ws else 0
     for i, g in enumerate(gs):
         _refuse_read_only_interface(f"gs[{i}]", g)
     if rates is not None:
@@ -227,7 +229,7 @@ def scale_all(
     gs = [gpu.as_device_array(g) for g in gs]
     for i, (w, g) in enumerate(zip(ws, gs, strict=True)):
         check_pair(w, g, writes_g=False, names=(f"ws[{i}]", f"gs[{i}]"))
-    gpu.scale_all(ws, gs, table, rates, gpu.caller_stream(ws[0], gs[0]) if ws else 0)
+    gpu.scale_all(ws, gs, table, rates, handle)
 
 
 def _array_sequence(name: str, value: object) -> list:

@@ -33,10 +33,12 @@ that the blocks share out, so that one block's work does not depend on the
 size of the array it comes from.
 
 1. :func:`sum_squares_chunks` writes each chunk's two partial sums of squares
-   to its row of the scratch.
-2. :func:`apply_rate_chunks` has each block add up its pair's rows in a fixed
-   order (the same bits in every block of the pair), compute the rate and
-   scale its chunk; the block with the pair's first chunk stores the rate.
+   to its row of the scratch; the block that finishes a pair's last chunk (a
+   ticket per pair decides which, as in :func:`sum_squares_pair`) adds up the
+   pair's rows in a fixed order, once, into the pair's total.
+2. :func:`apply_rate_chunks` has each block compute its pair's rate from the
+   total and scale its chunk; the block with the pair's first chunk stores the
+   rate.
 """
 
 from __future__ import annotations
@@ -163,6 +165,35 @@ def sum_rows(sums, start, stop, step):
     return w_sq, g_sq
 
 
+@cuda.jit(device=True, inline=True)
+def add_up_partials(shared, sums, row, w_sq, g_sq, ticket, slot, first, end, total_row):
+    """Store a block's sums in ``sums[row]``; the last of ``first:end`` to be stored adds up.
+
+    ``ticket[slot]`` counts the rows of ``sums[first:end]`` stored so far. The
+    block that stores the last writes their total, added in a fixed order, to
+    ``sums[total_row]`` and resets the ticket. Every thread of the block must
+    call this, as it synchronizes the block.
+    """
+    last = cuda.shared.array(1, np.int32)
+    if cuda.threadIdx.x == 0:
+        sums[row, 0] = w_sq
+        sums[row, 1] = g_sq
+        # The partials must be visible to every block before the ticket says
+        # they are there (the memory-fence example of the CUDA guide).
+        cuda.threadfence()
+        last[0] = cuda.atomic.add(ticket, slot, 1) == end - first - 1
+    cuda.syncthreads()
+    if last[0]:
+        w_sq, g_sq = sum_rows(sums, first + cuda.threadIdx.x, end, cuda.blockDim.x)
+        w_sq, g_sq = block_sum_pair(shared, w_sq, g_sq)
+        if cuda.threadIdx.x == 0:
+            sums[total_row, 0] = w_sq
+            sums[total_row, 1] = g_sq
+            ticket[slot] = 0
+    # Every thread has read ``shared`` before a caller's next reduction writes it.
+    cuda.syncthreads()
+
+
 # -- kernels -------------------------------------------------------------------
 
 
@@ -172,23 +203,9 @@ def sum_squares_pair(w, g, sums, ticket):
     shared = cuda.shared.array(0, float64)
     w_sq, g_sq = sum_squares_range(w, g, cuda.grid(1), w.size, cuda.gridsize(1))
     w_sq, g_sq = block_sum_pair(shared, w_sq, g_sq)
-
-    last = cuda.shared.array(1, np.int32)
-    if cuda.threadIdx.x == 0:
-        sums[1 + cuda.blockIdx.x, 0] = w_sq
-        sums[1 + cuda.blockIdx.x, 1] = g_sq
-        # The partials must be visible to every block before the ticket says
-        # they are there (the memory-fence example of the CUDA guide).
-        cuda.threadfence()
-        last[0] = cuda.atomic.add(ticket, 0, 1) == cuda.gridDim.x - 1
-    cuda.syncthreads()
-    if last[0]:
-        w_sq, g_sq = sum_rows(sums, 1 + cuda.threadIdx.x, 1 + cuda.gridDim.x, cuda.blockDim.x)
-        w_sq, g_sq = block_sum_pair(shared, w_sq, g_sq)
-        if cuda.threadIdx.x == 0:
-            sums[0, 0] = w_sq
-            sums[0, 1] = g_sq
-            ticket[0] = 0
+    add_up_partials(
+        shared, sums, 1 + cuda.blockIdx.x, w_sq, g_sq, ticket, 0, 1, 1 + cuda.gridDim.x, 0
+    )
 
 
 @cuda.jit(cache=True)
@@ -211,8 +228,12 @@ def store_rate(sums, hyper, rates, index):
 
 
 @cuda.jit(cache=True)
-def sum_squares_chunks(ws, gs, chunks, sums):
-    """``sums[c] <- (sum w_i**2, sum g_i**2)`` over the elements of chunk ``c``."""
+def sum_squares_chunks(ws, gs, chunks, sums, ticket):
+    """``sums[len(chunks) + s] <- (sum w_i**2, sum g_i**2)`` over the pair in slot ``s``.
+
+    Chunk ``c``'s sums go to ``sums[c]``; ``ticket[s]`` counts the pair's chunks
+    done, and the block that does the last adds up the pair's rows.
+    """
     shared = cuda.shared.array(0, float64)
     thread = cuda.threadIdx.x
     for chunk in range(cuda.blockIdx.x, chunks.shape[0], cuda.gridDim.x):
@@ -221,35 +242,36 @@ def sum_squares_chunks(ws, gs, chunks, sums):
             ws[slot], gs[slot], chunks[chunk, 1] + thread, chunks[chunk, 2], cuda.blockDim.x
         )
         w_sq, g_sq = block_sum_pair(shared, w_sq, g_sq)
-        if thread == 0:
-            sums[chunk, 0] = w_sq
-            sums[chunk, 1] = g_sq
-        # Every thread has read the block's sums before the next chunk's
-        # reduction overwrites them.
-        cuda.syncthreads()
+        add_up_partials(
+            shared,
+            sums,
+            chunk,
+            w_sq,
+            g_sq,
+            ticket,
+            slot,
+            chunks[chunk, 3],
+            chunks[chunk, 4],
+            chunks.shape[0] + slot,
+        )
 
 
 @cuda.jit(cache=True)
 def apply_rate_chunks(ws, gs, chunks, sums, table, rates):
-    """``g <- rate * (g + weight_decay * w)`` over each chunk, the rate from its pair's rows.
+    """``g <- rate * (g + weight_decay * w)`` over each chunk, the rate from its pair's total.
 
     ``table[pair]`` holds the pair's hyperparameters; ``rates[pair]``, unless
     ``rates`` is empty, receives its rate.
     """
-    shared = cuda.shared.array(0, float64)
     thread = cuda.threadIdx.x
     for chunk in range(cuda.blockIdx.x, chunks.shape[0], cuda.gridDim.x):
-        first = chunks[chunk, 3]
-        w_sq, g_sq = sum_rows(sums, first + thread, chunks[chunk, 4], cuda.blockDim.x)
-        # Every block of the pair adds its rows in this one order, so all of
-        # them scale by the same rate, bit for bit.
-        w_sq, g_sq = block_sum_pair(shared, w_sq, g_sq)
+        slot = chunks[chunk, 0]
+        total = chunks.shape[0] + slot
         pair = chunks[chunk, 5]
         hyper = (table[pair, 0], table[pair, 1], table[pair, 2])
-        rate = _cpu.rate_from_sums(w_sq, g_sq, hyper)
-        if chunk == first and thread == 0 and rates.size > 0:
+        rate = _cpu.rate_from_sums(sums[total, 0], sums[total, 1], hyper)
+        if chunk == chunks[chunk, 3] and thread == 0 and rates.size > 0:
             rates[pair] = rate
-        slot = chunks[chunk, 0]
         scale_range(
             ws[slot],
             gs[slot],
@@ -259,7 +281,6 @@ def apply_rate_chunks(ws, gs, chunks, sums, table, rates):
             rate,
             _cpu.weight_decay_of(hyper),
         )
-        cuda.syncthreads()
 
 
 # -- streams and scratch -------------------------------------------------------
@@ -302,7 +323,7 @@ class Scratch(NamedTuple):
 
     stream: object  #: the Numba stream for the handle
     sums: object  #: float64, (1 + blocks, 2): totals in row 0, block partials after
-    ticket: object  #: uint32, (1,): blocks done with the current reduction; 0 between calls
+    ticket: object  #: uint32, (TUPLE_WIDTH,): blocks done with each reduction; 0 between calls
 
 
 _scratch: dict[tuple[object, int], Scratch] = {}
@@ -325,14 +346,18 @@ def scratch_for(handle: int, blocks: int) -> Scratch:
     """
     key = (cuda.get_current_device(), handle)
     scratch = _scratch.get(key)
-    if scratch is None or scratch.sums.shape[0] < 1 + blocks:
+    if (
+        scratch is None
+        or scratch.sums.shape[0] < 1 + blocks
+        or scratch.ticket.shape[0] < TUPLE_WIDTH
+    ):
         with _scratch_lock:
             stream = _numba_stream(handle)
             rows = 1 + max(blocks, MAX_BLOCKS)
             scratch = Scratch(
                 stream=stream,
                 sums=cuda.device_array((rows, 2), np.float64, stream=stream),
-                ticket=cuda.to_device(np.zeros(1, np.uint32), stream=stream),
+                ticket=cuda.to_device(np.zeros(max(1, TUPLE_WIDTH), np.uint32), stream=stream),
             )
             _scratch[key] = scratch
     return scratch
@@ -404,7 +429,7 @@ class Plan(NamedTuple):
 
     groups: tuple[Group, ...]
     table: object  #: float64 device array, (n, 3): a row of hyperparameters per pair
-    rows: int  #: the most chunks in a group: the scratch rows the partial sums take
+    rows: int  #: scratch rows a group takes: its partial sums, then a total per slot
 
 
 #: Plans kept on the device: a training loop makes one (more if it alternates
@@ -460,7 +485,7 @@ def _make_plan(layout, table: np.ndarray, stream) -> Plan:
             for (dtype, pairs), (top, bottom) in zip(members, bounds, strict=True)
         ),
         table=cuda.to_device(np.ascontiguousarray(table), stream=stream),
-        rows=max(bottom - top for top, bottom in bounds),
+        rows=max(bottom - top for top, bottom in bounds) + TUPLE_WIDTH,
     )
 
 
@@ -499,7 +524,10 @@ def scale_all(ws, gs, table: np.ndarray, rates, handle: int) -> None:
             w = g = _empty_array(device, w.dtype)
         else:
             w, g = kernel_views(w, g)
-        flat = w.ndim == 1 and w.flags["C_CONTIGUOUS"] and g.flags["C_CONTIGUOUS"]
+        # Unit strides, not the contiguous flags: those also hold for one
+        # element of stride 0, which Numba types with another layout. (The
+        # zero-size padding has stride 0 and the contiguous layout.)
+        flat = w.ndim == 1 and (w.size == 0 or w.strides == g.strides == (w.dtype.itemsize,))
         layout.append((w.dtype, w.size) if flat else None)
         views.append((w, g))
 
@@ -513,8 +541,8 @@ def scale_all(ws, gs, table: np.ndarray, rates, handle: int) -> None:
             w_tuple = tuple(views[pair][0] for pair in group.pairs) + padding
             g_tuple = tuple(views[pair][1] for pair in group.pairs) + padding
             launch = reducing_launch(group.chunks.shape[0], scratch.stream, per_block=1)
-            sum_squares_chunks[launch](w_tuple, g_tuple, group.chunks, scratch.sums)
-            apply_rate_chunks[launch](
+            sum_squares_chunks[launch](w_tuple, g_tuple, group.chunks, scratch.sums, scratch.ticket)
+            apply_rate_chunks[launch[:3]](
                 w_tuple, g_tuple, group.chunks, scratch.sums, plan.table, stored
             )
 

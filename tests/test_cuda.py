@@ -742,3 +742,26 @@ def test_scale_all_runs_on_the_stream_it_is_given(caller_stream, scratch_handles
     run_scale_all(oracle, make_pairs(specs, seed=90), uniform_table(2), handle=handle)
     stream.synchronize()
     assert scratch_handles() == [handle]
+
+
+def test_scale_all_takes_the_stream_of_the_arrays_as_given(foreign, monkeypatch):
+    seen = []
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    monkeypatch.setattr(_cuda, "scale", lambda w, g, hyper, handle: seen.append(handle))
+    monkeypatch.setattr(
+        _cuda, "scale_all", lambda ws, gs, table, rates, handle: seen.append(handle)
+    )
+    d_w, d_g = (cuda.to_device(np.ones(4, np.float32)) for _ in "wg")
+    lars_numba.scale(foreign(d_w), foreign(d_g, stream=7))
+    lars_numba.scale_all([foreign(d_w)], [foreign(d_g, stream=7)])
+    assert seen == [7, 7]
+
+
+def test_scale_all_refuses_a_read_only_gradient_or_rates(foreign):
+    d_w, d_g = (cuda.to_device(np.ones(4, np.float32)) for _ in "wg")
+    with pytest.raises(ValueError, match=r"gs\[0\] must be writeable"):
+        lars_numba.scale_all([foreign(d_w)], [foreign(d_g, readonly=True)])
+    rates = foreign(cuda.to_device(np.zeros(1)), readonly=True)
+    with pytest.raises(ValueError, match="rates must be writeable"):
+        lars_numba.scale_all([d_w], [d_g], rates=rates)
+    np.testing.assert_array_equal(d_g.copy_to_host(), 1.0)

@@ -24,7 +24,7 @@ import math
 import threading
 
 import numpy as np
-from numba import carray, njit, prange, types
+from numba import carray, get_num_threads, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
@@ -238,6 +238,31 @@ def hyper_row(table, pair):
     return table[pair, 0], table[pair, 1], table[pair, 2]
 
 
+@njit(**_OPTIONS)
+def balanced_splits(weights, tasks):
+    """Where to cut ``weights`` into ``tasks`` runs of about equal sums, in order."""
+    splits = np.empty(tasks + 1, np.int64)
+    splits[0] = 0
+    splits[tasks] = weights.shape[0]
+    total = weights.sum()
+    index = 0
+    running = 0.0
+    for task in range(1, tasks):
+        while index < weights.shape[0] and running + weights[index] <= total * task / tasks:
+            running += weights[index]
+            index += 1
+        splits[task] = index
+    return splits
+
+
+@njit(inline="always", **_OPTIONS)
+def pair_at(w_addresses, g_addresses, sizes, pair, like):
+    """Pair ``pair`` of the contiguous arrays at the addresses, 1-d, of ``like``'s dtype."""
+    w = carray(address_as_pointer(w_addresses[pair]), sizes[pair], like.dtype)
+    g = carray(address_as_pointer(g_addresses[pair]), sizes[pair], like.dtype)
+    return w, g
+
+
 def _many_pairs_kernel(parallel: bool):
     """The kernel of :func:`scale_many`, serial or on all threads.
 
@@ -248,55 +273,67 @@ def _many_pairs_kernel(parallel: bool):
     loop = prange if parallel else range
 
     @njit(parallel=parallel, **_OPTIONS)
-    def scale_many_flat(w_addresses, g_addresses, sizes, table, rates, like):
+    def scale_many_flat(w_addresses, g_addresses, sizes, table, rates, like, tasks):
         """Scale each pair of contiguous arrays at the addresses, of ``like``'s dtype.
 
-        Every pair is cut into chunks, and the chunks are the tasks. A pair of
-        one chunk is scaled as soon as its sums are known, while it is still
-        in cache; the chunks of larger pairs are scaled after their partial
-        sums are added up, in chunk order, so that the result does not depend
-        on the thread count.
+        Every pair is cut into chunks. A pair of one chunk is scaled as soon
+        as its sums are known, while it is still in cache; the chunks of
+        larger pairs are scaled after their partial sums are added up, in
+        chunk order, so that the result does not depend on the thread count.
+        The chunks are cut into ``tasks`` runs of consecutive chunks of about
+        equal work, a run per thread: an even share of the chunks would not
+        do, as they range from a handful of elements to ``CHUNK_SIZE``.
         """
         pairs = sizes.shape[0]
         first_chunk = np.zeros(pairs + 1, np.int64)
         for pair in range(pairs):
             first_chunk[pair + 1] = first_chunk[pair] + chunk_count(sizes[pair])
-        chunk_pair = np.empty(first_chunk[pairs], np.int64)
+        chunks = first_chunk[pairs]
+        chunk_pair = np.empty(chunks, np.int64)
+        # Element passes over memory in the first loop, then in the last.
+        first_work = np.empty(chunks)
+        last_work = np.empty(chunks)
         for pair in range(pairs):
-            chunk_pair[first_chunk[pair] : first_chunk[pair + 1]] = pair
-        partial_sums = np.empty((first_chunk[pairs], 2))
+            whole = first_chunk[pair + 1] - first_chunk[pair] == 1
+            for chunk in range(first_chunk[pair], first_chunk[pair + 1]):
+                chunk_pair[chunk] = pair
+                elements = min(CHUNK_SIZE, sizes[pair] - (chunk - first_chunk[pair]) * CHUNK_SIZE)
+                first_work[chunk] = (3 if whole else 2) * (elements + 1)
+                last_work[chunk] = 0 if whole else 3 * elements
+        partial_sums = np.empty((chunks, 2))
 
-        for chunk in loop(first_chunk[pairs]):
-            pair = chunk_pair[chunk]
-            w = carray(address_as_pointer(w_addresses[pair]), sizes[pair], like.dtype)
-            g = carray(address_as_pointer(g_addresses[pair]), sizes[pair], like.dtype)
-            w_chunk, g_chunk = chunk_of(w, g, chunk - first_chunk[pair])
-            w_sq, g_sq = sum_squares_pair(w_chunk, g_chunk)
-            if first_chunk[pair + 1] - first_chunk[pair] == 1:
-                hyper = hyper_row(table, pair)
-                rates[pair] = rate_from_sums(w_sq, g_sq, hyper)
-                apply_rate_pair(w_chunk, g_chunk, rates[pair], weight_decay_of(hyper))
-            partial_sums[chunk, 0] = w_sq
-            partial_sums[chunk, 1] = g_sq
+        splits = balanced_splits(first_work, tasks)
+        for task in loop(tasks):
+            for chunk in range(splits[task], splits[task + 1]):
+                pair = chunk_pair[chunk]
+                w, g = pair_at(w_addresses, g_addresses, sizes, pair, like)
+                w_chunk, g_chunk = chunk_of(w, g, chunk - first_chunk[pair])
+                w_sq, g_sq = sum_squares_pair(w_chunk, g_chunk)
+                if last_work[chunk] == 0:
+                    hyper = hyper_row(table, pair)
+                    rates[pair] = rate_from_sums(w_sq, g_sq, hyper)
+                    apply_rate_pair(w_chunk, g_chunk, rates[pair], weight_decay_of(hyper))
+                partial_sums[chunk, 0] = w_sq
+                partial_sums[chunk, 1] = g_sq
 
         for pair in range(pairs):
             if first_chunk[pair + 1] - first_chunk[pair] > 1:
-                sums = partial_sums[first_chunk[pair] : first_chunk[pair + 1]]
                 w_sq = 0.0
                 g_sq = 0.0
-                for chunk in range(sums.shape[0]):
-                    w_sq += sums[chunk, 0]
-                    g_sq += sums[chunk, 1]
+                for chunk in range(first_chunk[pair], first_chunk[pair + 1]):
+                    w_sq += partial_sums[chunk, 0]
+                    g_sq += partial_sums[chunk, 1]
                 rates[pair] = rate_from_sums(w_sq, g_sq, hyper_row(table, pair))
 
-        for chunk in loop(first_chunk[pairs]):
-            pair = chunk_pair[chunk]
-            if first_chunk[pair + 1] - first_chunk[pair] > 1:
-                w = carray(address_as_pointer(w_addresses[pair]), sizes[pair], like.dtype)
-                g = carray(address_as_pointer(g_addresses[pair]), sizes[pair], like.dtype)
-                w_chunk, g_chunk = chunk_of(w, g, chunk - first_chunk[pair])
-                weight_decay = weight_decay_of(hyper_row(table, pair))
-                apply_rate_pair(w_chunk, g_chunk, rates[pair], weight_decay)
+        splits = balanced_splits(last_work, tasks)
+        for task in loop(tasks):
+            for chunk in range(splits[task], splits[task + 1]):
+                if last_work[chunk] > 0:
+                    pair = chunk_pair[chunk]
+                    w, g = pair_at(w_addresses, g_addresses, sizes, pair, like)
+                    w_chunk, g_chunk = chunk_of(w, g, chunk - first_chunk[pair])
+                    weight_decay = weight_decay_of(hyper_row(table, pair))
+                    apply_rate_pair(w_chunk, g_chunk, rates[pair], weight_decay)
 
     return scale_many_flat
 
@@ -477,8 +514,10 @@ def scale_many(ws, gs, addresses, table, rates, parallel: bool = True) -> None:
             parallel,
             int(sizes.sum()),
             lambda threads, arguments=arguments: (
-                scale_many_flat_parallel if threads else scale_many_flat
-            )(*arguments),
+                scale_many_flat_parallel(*arguments, get_num_threads())
+                if threads
+                else scale_many_flat(*arguments, 1)
+            ),
         )
         rates[members] = group_rates
     for i in strided:

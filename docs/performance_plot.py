@@ -86,7 +86,28 @@ def _list_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [*lines, ""]
 
 
-def write_results(rows, bandwidth, hooks, loads, path: Path) -> None:
+def _model_table(models, bandwidth) -> list[str]:
+    """The whole-model table: milliseconds per update and the ratio to ``scale_all``."""
+    names = list(models[0][2])
+    lines = [
+        "Every gradient of a float32 model once, ``weight_decay=1e-4``, median "
+        "milliseconds per update (ratio to ``scale_all`` in brackets); the floors "
+        f"are five and three passes of the model's bytes at {bandwidth / 1e9:.1f} GB/s. "
+        "``chainer_hook`` and ``lars_hook`` are the per-parameter hooks called as the "
+        "optimizer calls them, ``fused_hook`` is :class:`~lars_numba.chainer."
+        "FusedGradientLARS` (``parallel=True``), ``scale_loop`` one "
+        ":func:`~lars_numba.scale` per array:",
+        "",
+    ]
+    table = [
+        [name, f"{size:,}"]
+        + [f"{times[n] * 1e3:.3g} ({times[n] / times['scale_all']:.2f})" for n in names]
+        for name, size, times in models
+    ]
+    return lines + _list_table(["model", "elements", *names], table)
+
+
+def write_results(rows, bandwidth, hooks, models, loads, path: Path) -> None:
     threads = numba.get_num_threads()
     lines = [
         ".. This file is written by docs/performance_plot.py; do not edit it by hand.",
@@ -97,7 +118,8 @@ def write_results(rows, bandwidth, hooks, loads, path: Path) -> None:
         f"Bandwidth: {bandwidth[False] / 1e9:.1f} GB/s on 1 thread, "
         f"{bandwidth[True] / 1e9:.1f} GB/s on {threads}. "
         f"One-minute load average {loads[0]:.1f} before the run and {loads[1]:.1f} after it "
-        "(other processes share the machine).",
+        "(other processes share the machine). NumPy's BLAS on one thread "
+        "(``lars_numba.bench.single_threaded_blas``).",
         "",
         "``scale(w, g, weight_decay=1e-4)`` on float32 arrays of N elements, median "
         "microseconds per call:",
@@ -118,6 +140,7 @@ def write_results(rows, bandwidth, hooks, loads, path: Path) -> None:
         cells += [_floor_ratio(row)]
         table.append(cells)
     lines += _list_table(header, table)
+    lines += _model_table(models, bandwidth[True])
     if hooks:
         lines += [
             "The hook inside SGD's ``optimizer.update()``, float32, microseconds of hook "
@@ -191,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=7, help="samples per candidate")
     args = parser.parse_args(argv)
 
+    bench.single_threaded_blas()
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as cache_dir:
         cold = bench.first_call_seconds(cache_dir)
@@ -201,9 +225,10 @@ def main(argv: list[str] | None = None) -> None:
         f"- {warm:.2f} s with the kernels in the cache.\n"
     )
     rows, bandwidth = bench.scale_rows(args.sizes, args.rounds)
+    models = bench.model_rows(list(bench.whole_models()), args.rounds, bandwidth[True])
     hooks = bench.hook_rows(args.rounds)
     loads = (load_before, os.getloadavg()[0])
-    write_results(rows, bandwidth, hooks, loads, DOCS / "performance_results.inc")
+    write_results(rows, bandwidth, hooks, models, loads, DOCS / "performance_results.inc")
     plot(rows, DOCS / "_static" / "performance.png")
     print(f"wrote {DOCS / 'performance_results.inc'} and {DOCS / '_static' / 'performance.png'}")
 

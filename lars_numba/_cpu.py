@@ -263,6 +263,27 @@ def pair_at(w_addresses, g_addresses, sizes, pair, like):
     return w, g
 
 
+#: Bytes of ``w`` and ``g`` that :func:`scale_many_flat` takes through both
+#: passes before it moves on: half of a 32 MiB last-level cache, so that the
+#: second pass finds them there, as it does for one array of that size.
+BATCH_BYTES = 16 << 20
+
+
+@njit(**_OPTIONS)
+def pair_batches(sizes, itemsize):
+    """Where to cut the pairs into runs of at most ``BATCH_BYTES`` (a larger pair alone)."""
+    ends = [0]
+    bytes_in_batch = 0
+    for pair in range(sizes.shape[0]):
+        pair_bytes = 2 * itemsize * sizes[pair]
+        if bytes_in_batch > 0 and bytes_in_batch + pair_bytes > BATCH_BYTES:
+            ends.append(pair)
+            bytes_in_batch = 0
+        bytes_in_batch += pair_bytes
+    ends.append(sizes.shape[0])
+    return np.array(ends)
+
+
 def _many_pairs_kernel(parallel: bool):
     """The kernel of :func:`scale_many`, serial or on all threads.
 
@@ -276,13 +297,15 @@ def _many_pairs_kernel(parallel: bool):
     def scale_many_flat(w_addresses, g_addresses, sizes, table, rates, like, tasks):
         """Scale each pair of contiguous arrays at the addresses, of ``like``'s dtype.
 
-        Every pair is cut into chunks. A pair of one chunk is scaled as soon
-        as its sums are known, while it is still in cache; the chunks of
-        larger pairs are scaled after their partial sums are added up, in
-        chunk order, so that the result does not depend on the thread count.
-        The chunks are cut into ``tasks`` runs of consecutive chunks of about
-        equal work, a run per thread: an even share of the chunks would not
-        do, as they range from a handful of elements to ``CHUNK_SIZE``.
+        The pairs go in batches of about ``BATCH_BYTES``, each through both
+        passes, and every pair is cut into chunks. A pair of one chunk is
+        scaled as soon as its sums are known, while it is still in a core's
+        cache; the chunks of larger pairs are scaled after their partial sums
+        are added up, in chunk order, so that the result does not depend on
+        the thread count. Each pass cuts the batch's chunks into
+        ``tasks`` runs of about equal work, a run per thread: an even share of
+        the chunks would not do, as they range from a handful of elements to
+        ``CHUNK_SIZE``.
         """
         pairs = sizes.shape[0]
         first_chunk = np.zeros(pairs + 1, np.int64)
@@ -302,38 +325,43 @@ def _many_pairs_kernel(parallel: bool):
                 last_work[chunk] = 0 if whole else 3 * elements
         partial_sums = np.empty((chunks, 2))
 
-        splits = balanced_splits(first_work, tasks)
-        for task in loop(tasks):
-            for chunk in range(splits[task], splits[task + 1]):
-                pair = chunk_pair[chunk]
-                w, g = pair_at(w_addresses, g_addresses, sizes, pair, like)
-                w_chunk, g_chunk = chunk_of(w, g, chunk - first_chunk[pair])
-                w_sq, g_sq = sum_squares_pair(w_chunk, g_chunk)
-                if last_work[chunk] == 0:
-                    hyper = hyper_row(table, pair)
-                    rates[pair] = rate_from_sums(w_sq, g_sq, hyper)
-                    apply_rate_pair(w_chunk, g_chunk, rates[pair], weight_decay_of(hyper))
-                partial_sums[chunk, 0] = w_sq
-                partial_sums[chunk, 1] = g_sq
+        batches = pair_batches(sizes, like.itemsize)
+        for batch in range(batches.shape[0] - 1):
+            top = first_chunk[batches[batch]]
+            bottom = first_chunk[batches[batch + 1]]
 
-        for pair in range(pairs):
-            if first_chunk[pair + 1] - first_chunk[pair] > 1:
-                w_sq = 0.0
-                g_sq = 0.0
-                for chunk in range(first_chunk[pair], first_chunk[pair + 1]):
-                    w_sq += partial_sums[chunk, 0]
-                    g_sq += partial_sums[chunk, 1]
-                rates[pair] = rate_from_sums(w_sq, g_sq, hyper_row(table, pair))
-
-        splits = balanced_splits(last_work, tasks)
-        for task in loop(tasks):
-            for chunk in range(splits[task], splits[task + 1]):
-                if last_work[chunk] > 0:
+            splits = top + balanced_splits(first_work[top:bottom], tasks)
+            for task in loop(tasks):
+                for chunk in range(splits[task], splits[task + 1]):
                     pair = chunk_pair[chunk]
                     w, g = pair_at(w_addresses, g_addresses, sizes, pair, like)
                     w_chunk, g_chunk = chunk_of(w, g, chunk - first_chunk[pair])
-                    weight_decay = weight_decay_of(hyper_row(table, pair))
-                    apply_rate_pair(w_chunk, g_chunk, rates[pair], weight_decay)
+                    w_sq, g_sq = sum_squares_pair(w_chunk, g_chunk)
+                    if last_work[chunk] == 0:
+                        hyper = hyper_row(table, pair)
+                        rates[pair] = rate_from_sums(w_sq, g_sq, hyper)
+                        apply_rate_pair(w_chunk, g_chunk, rates[pair], weight_decay_of(hyper))
+                    partial_sums[chunk, 0] = w_sq
+                    partial_sums[chunk, 1] = g_sq
+
+            for pair in range(batches[batch], batches[batch + 1]):
+                if first_chunk[pair + 1] - first_chunk[pair] > 1:
+                    w_sq = 0.0
+                    g_sq = 0.0
+                    for chunk in range(first_chunk[pair], first_chunk[pair + 1]):
+                        w_sq += partial_sums[chunk, 0]
+                        g_sq += partial_sums[chunk, 1]
+                    rates[pair] = rate_from_sums(w_sq, g_sq, hyper_row(table, pair))
+
+            splits = top + balanced_splits(last_work[top:bottom], tasks)
+            for task in loop(tasks):
+                for chunk in range(splits[task], splits[task + 1]):
+                    if last_work[chunk] > 0:
+                        pair = chunk_pair[chunk]
+                        w, g = pair_at(w_addresses, g_addresses, sizes, pair, like)
+                        w_chunk, g_chunk = chunk_of(w, g, chunk - first_chunk[pair])
+                        weight_decay = weight_decay_of(hyper_row(table, pair))
+                        apply_rate_pair(w_chunk, g_chunk, rates[pair], weight_decay)
 
     return scale_many_flat
 

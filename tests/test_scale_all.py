@@ -63,9 +63,13 @@ def test_equals_scale_on_each_pair(pairs, hyper, data, oracle):
 
 
 @pytest.mark.parametrize("parallel", [False, True])
-def test_large_pairs_give_the_same_bits_on_any_thread_count(parallel, oracle):
+def test_large_pairs_and_batches_give_the_same_bits_on_any_thread_count(parallel, oracle):
     rng = np.random.default_rng(3)
+    # Pairs of many chunks, of one, and (float32: 8 bytes per element of a
+    # pair) one pair of a batch of its own between two batches of several.
     sizes = [3 * _cpu.CHUNK_SIZE + 11, 5, _cpu.CHUNK_SIZE, 2 * _cpu.PARALLEL_MIN_SIZE]
+    sizes += [_cpu.BATCH_BYTES // 8 + 5, 7, 2 * _cpu.CHUNK_SIZE]
+    assert len(_cpu.pair_batches(np.array(sizes), 4)) - 1 == 3
     ws = [rng.standard_normal(size).astype(np.float32) for size in sizes]
     gs = [rng.standard_normal(size).astype(np.float32) * 1e-2 for size in sizes]
     serial = [g.copy() for g in gs]

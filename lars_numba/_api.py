@@ -63,6 +63,23 @@ def _check_array(name: str, array: object) -> None:
         )
 
 
+def plain_pair(w: object, g: object) -> bool:
+    """Whether ``w`` and ``g`` pass :func:`check_pair`, decided in a few attribute reads.
+
+    True for plain NumPy float arrays of one dtype and shape with ``g``
+    writeable: the common case, on the path of every call. Anything else goes
+    through :func:`check_pair`, which accepts it or says what is wrong.
+    """
+    return (
+        type(w) is np.ndarray
+        and type(g) is np.ndarray
+        and w.dtype in _FLOAT_DTYPES
+        and g.dtype == w.dtype
+        and g.shape == w.shape
+        and g.flags.writeable
+    )
+
+
 def check_pair(
     w: object, g: object, *, writes_g: bool, names: tuple[str, str] = ("w", "g")
 ) -> None:
@@ -158,7 +175,8 @@ def scale(w, g, hyper: Hyperparameters, parallel: bool = True) -> float | None:
         w, g, stream = _device_pair(w, g, writes_g=True)
         _gpu_module().scale(w, g, hyper, stream)
         return None
-    check_pair(w, g, writes_g=True)
+    if not plain_pair(w, g):
+        check_pair(w, g, writes_g=True)
     if w is not g and np.may_share_memory(w, g):
         # The update reads w while writing g: an overlap other than w being g
         # itself would read elements that were already scaled.
@@ -287,16 +305,7 @@ def _check_rates(rates: object, pairs: int) -> None:
 def _scale_all_cpu(ws: list, gs: list, table: np.ndarray, rates, parallel: bool) -> None:
     pairs = len(ws)
     for i, (w, g) in enumerate(zip(ws, gs, strict=True)):
-        # Plain float arrays of one dtype and shape are passed inline, without
-        # the calls of check_pair: this loop runs over every pair of a model.
-        if not (
-            type(w) is np.ndarray
-            and type(g) is np.ndarray
-            and w.dtype in _FLOAT_DTYPES
-            and g.dtype == w.dtype
-            and g.shape == w.shape
-            and g.flags.writeable
-        ):
+        if not plain_pair(w, g):
             check_pair(w, g, writes_g=True, names=(f"ws[{i}]", f"gs[{i}]"))
     if rates is None:
         rates = np.empty(pairs)

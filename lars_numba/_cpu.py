@@ -197,6 +197,14 @@ def apply_rate_flat(w, g, rate, hyper):
     apply_rate_pair(w, g, rate, weight_decay_of(hyper))
 
 
+@njit(**_OPTIONS)
+def scale_flat(w, g, hyper):
+    """Both passes over 1-d ``w`` and ``g`` in one call; returns the rate."""
+    rate = trust_ratio_flat(w, g, hyper)
+    apply_rate_flat(w, g, rate, hyper)
+    return rate
+
+
 @njit(parallel=True, **_OPTIONS)
 def trust_ratio_flat_parallel(w, g, hyper):
     """:func:`trust_ratio_flat` with a chunk per task on all threads."""
@@ -452,7 +460,9 @@ def apply_rate_nd(w, g, rate, hyper):
 
 def flat_views(w, g):
     """1-d views of ``w`` and ``g`` that pair the same elements, or ``None``."""
-    if w.ndim <= 1:
+    if w.ndim == 1:
+        return w, g
+    if w.ndim == 0:
         return w.reshape(-1), g.reshape(-1)
     for order, flag in (("C", "C_CONTIGUOUS"), ("F", "F_CONTIGUOUS")):
         if w.flags[flag] and g.flags[flag]:
@@ -473,14 +483,27 @@ def _run(kernels, w, g, hyper, update):
     return rate
 
 
-def _on_threads_where_it_pays(parallel: bool, size: int, run):
-    """``run(True)`` if all threads pay for ``size`` elements and are free, else ``run(False)``."""
+def _on_threads_where_it_pays(parallel: bool, size: int, threaded, serial, *arguments):
+    """``threaded(*arguments)`` if all threads pay for ``size`` elements and are free.
+
+    Otherwise ``serial(*arguments)``.
+    """
     if parallel and size >= PARALLEL_MIN_SIZE and _parallel_slot.acquire(blocking=False):
         try:
-            return run(True)
+            return threaded(*arguments)
         finally:
             _parallel_slot.release()
-    return run(False)
+    return serial(*arguments)
+
+
+def _run_threaded(w, g, hyper, update):
+    return _run(_PARALLEL, w, g, hyper, update)
+
+
+def _run_serial(w, g, hyper, update):
+    # One compiled call for both passes: small arrays, the common case, pay
+    # for the calls more than for the loops.
+    return scale_flat(w, g, hyper) if update else trust_ratio_flat(w, g, hyper)
 
 
 def _pick_and_run(w, g, hyper, update, parallel):
@@ -488,9 +511,7 @@ def _pick_and_run(w, g, hyper, update, parallel):
     if flat is None:
         return _run(_ND, w, g, hyper, update)
     return _on_threads_where_it_pays(
-        parallel,
-        flat[0].shape[0],
-        lambda threads: _run(_PARALLEL if threads else _SERIAL, *flat, hyper, update),
+        parallel, flat[0].shape[0], _run_threaded, _run_serial, *flat, hyper, update
     )
 
 
@@ -502,6 +523,14 @@ def trust_ratio(w, g, hyper, parallel: bool = True) -> float:
 def scale(w, g, hyper, parallel: bool = True) -> float:
     """Scale ``g`` in place for two validated arrays; returns the rate."""
     return _pick_and_run(w, g, hyper, True, parallel)
+
+
+def _scale_many_threaded(*arguments):
+    return scale_many_flat_parallel(*arguments, get_num_threads())
+
+
+def _scale_many_serial(*arguments):
+    return scale_many_flat(*arguments, 1)
 
 
 _EMPTY_OF_DTYPE = {np.dtype(t): np.empty(0, t) for t in (np.uint16, np.float32, np.float64)}
@@ -539,13 +568,7 @@ def scale_many(ws, gs, addresses, table, rates, parallel: bool = True) -> None:
             _EMPTY_OF_DTYPE[dtype],
         )
         _on_threads_where_it_pays(
-            parallel,
-            int(sizes.sum()),
-            lambda threads, arguments=arguments: (
-                scale_many_flat_parallel(*arguments, get_num_threads())
-                if threads
-                else scale_many_flat(*arguments, 1)
-            ),
+            parallel, int(sizes.sum()), _scale_many_threaded, _scale_many_serial, *arguments
         )
         rates[members] = group_rates
     for i in strided:

@@ -175,6 +175,9 @@ class GradientLARS(_Hyperparameters):
             self._fall_back(rule, param)
             return
         hyper = self._hyper()
+        if isinstance(w, np.ndarray):
+            _api.scale(w, g, hyper, self.parallel)
+            return
         # Optimizer.add_hook calls the hook outside the update rule's device
         # scope; the CUDA kernels run on the current device, which must be w's.
         with chainer.using_device(param.device):

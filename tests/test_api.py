@@ -198,18 +198,20 @@ print("threading layer:", numba.threading_layer())
 """
 
 
+def run_on_layer(code: str, layer: str) -> subprocess.CompletedProcess:
+    """``code`` run by a new Python on Numba's threading layer ``layer``.
+
+    The workqueue layer aborts the whole process when two threads enter
+    parallel kernels at once, hence a process of its own.
+    """
+    env = {**os.environ, "NUMBA_THREADING_LAYER": layer}
+    call = [sys.executable, "-c", code]
+    return subprocess.run(call, env=env, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.parametrize("layer", ["workqueue", "default"])
 def test_concurrent_calls_from_threads_are_safe(layer):
-    # The workqueue layer aborts the whole process when two threads enter
-    # parallel kernels at once, hence a separate process per layer.
-    env = {**os.environ, "NUMBA_THREADING_LAYER": layer}
-    done = subprocess.run(
-        [sys.executable, "-c", CONCURRENT_CALLS],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_on_layer(CONCURRENT_CALLS, layer)
     assert done.returncode == 0, done.stderr
     if layer == "workqueue":
         assert "threading layer: workqueue" in done.stdout

@@ -1,15 +1,11 @@
 """``scale_all`` on NumPy arrays: equal to ``scale`` on each pair, and its input checks."""
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from conftest import assert_matches_oracle
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_api import DTYPES, hyperparameters, laid_pairs
+from test_api import DTYPES, hyperparameters, laid_pairs, run_on_layer
 
 import lars_numba
 from lars_numba import _cpu
@@ -295,12 +291,5 @@ for model, want in zip(models, expected):
 
 
 def test_concurrent_calls_from_threads_are_safe_on_the_workqueue_layer():
-    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
-    done = subprocess.run(
-        [sys.executable, "-c", CONCURRENT_CALLS],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_on_layer(CONCURRENT_CALLS, "workqueue")
     assert done.returncode == 0, done.stderr

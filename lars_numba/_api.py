@@ -55,7 +55,7 @@ def hyperparameters(threshold: float, weight_decay: float, eps: float) -> Hyperp
 
 def _check_array(name: str, array: object) -> None:
     if not accepts(array):
-        raise TypeError(f"{name} must be a NumPy array; got {type(array).__name__}")
+        raise TypeError(f"{name} must be a NumPy or CUDA array; got {type(array).__name__}")
     if array.dtype not in _FLOAT_DTYPES:
         raise TypeError(
             f"{name} must have dtype float16, float32 or float64 in native byte order; "
@@ -239,12 +239,13 @@ def scale_all(
     handle = gpu.caller_stream(ws[0], gs[0]) if ws else 0
     for i, g in enumerate(gs):
         _refuse_read_only_interface(f"gs[{i}]", g)
+    # An object that is no array at all is left for the checks to name.
     if rates is not None:
         _refuse_read_only_interface("rates", rates)
-        rates = gpu.as_device_array(rates)
+        rates = gpu.as_device_array(rates) if on_gpu(rates) else rates
         _check_rates(rates, len(ws))
-    ws = [gpu.as_device_array(w) for w in ws]
-    gs = [gpu.as_device_array(g) for g in gs]
+    ws = [gpu.as_device_array(w) if on_gpu(w) else w for w in ws]
+    gs = [gpu.as_device_array(g) if on_gpu(g) else g for g in gs]
     for i, (w, g) in enumerate(zip(ws, gs, strict=True)):
         check_pair(w, g, writes_g=False, names=(f"ws[{i}]", f"gs[{i}]"))
     gpu.scale_all(ws, gs, table, rates, handle)

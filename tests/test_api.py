@@ -231,10 +231,15 @@ def read_only(array):
 @pytest.mark.parametrize(
     ("w", "g", "error", "message"),
     [
-        ([1.0, 2.0], GOOD[:2], TypeError, "w must be a NumPy array; got list"),
-        (GOOD, list(GOOD), TypeError, "g must be a NumPy array; got list"),
-        (GOOD, np.float32(1.0), TypeError, "g must be a NumPy array; got float32"),
-        (GOOD, np.ma.masked_array(GOOD), TypeError, "g must be a NumPy array; got MaskedArray"),
+        ([1.0, 2.0], GOOD[:2], TypeError, "w must be a NumPy or CUDA array; got list"),
+        (GOOD, list(GOOD), TypeError, "g must be a NumPy or CUDA array; got list"),
+        (GOOD, np.float32(1.0), TypeError, "g must be a NumPy or CUDA array; got float32"),
+        (
+            GOOD,
+            np.ma.masked_array(GOOD),
+            TypeError,
+            "g must be a NumPy or CUDA array; got MaskedArray",
+        ),
         (np.arange(6), GOOD, TypeError, "w must have dtype float16, float32 or float64"),
         (GOOD, np.ones(6, bool), TypeError, "g must have dtype .* got bool"),
         (GOOD, np.ones(6, np.complex64), TypeError, "g must have dtype .* got complex64"),

@@ -193,7 +193,12 @@ GOOD = np.linspace(1, 2, 6, dtype=np.float32)
             TypeError,
             r"got w on the GPU \(\w+\) and g on the CPU \(ndarray\)",
         ),
-        (lambda: [1.0] * 6, lambda: cuda.to_device(GOOD), TypeError, "w must be a NumPy array"),
+        (
+            lambda: [1.0] * 6,
+            lambda: cuda.to_device(GOOD),
+            TypeError,
+            "w must be a NumPy or CUDA array",
+        ),
         (
             lambda: cuda.to_device(GOOD),
             lambda: cuda.to_device(GOOD.astype(np.float64)),
@@ -764,4 +769,13 @@ def test_scale_all_refuses_a_read_only_gradient_or_rates(foreign):
     rates = foreign(cuda.to_device(np.zeros(1)), readonly=True)
     with pytest.raises(ValueError, match="rates must be writeable"):
         lars_numba.scale_all([d_w], [d_g], rates=rates)
+    np.testing.assert_array_equal(d_g.copy_to_host(), 1.0)
+
+
+def test_scale_all_names_a_non_array_among_gpu_arrays():
+    d_w, d_g = (cuda.to_device(np.ones(4, np.float32)) for _ in "wg")
+    with pytest.raises(TypeError, match=r"gs\[1\] must be a NumPy or CUDA array; got list"):
+        lars_numba.scale_all([d_w, d_w], [d_g, [1.0, 2.0]])
+    with pytest.raises(TypeError, match=r"the arrays must all be NumPy arrays or all CUDA"):
+        lars_numba.scale_all([d_w], [d_g], rates=np.empty(1))
     np.testing.assert_array_equal(d_g.copy_to_host(), 1.0)

@@ -179,7 +179,11 @@ BUFFER = np.arange(20, dtype=np.float32)
             ValueError,
             r"gs\[1\] must have the shape of ws\[1\], \(3,\); got \(4,\)",
         ),
-        (lambda ws, gs: ([ws[0], [1.0]], gs, {}), TypeError, r"ws\[1\] must be a NumPy array"),
+        (
+            lambda ws, gs: ([ws[0], [1.0]], gs, {}),
+            TypeError,
+            r"ws\[1\] must be a NumPy or CUDA array",
+        ),
         (
             lambda ws, gs: (ws, [gs[0], np.ones(3, int)], {}),
             TypeError,

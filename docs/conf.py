@@ -78,17 +78,3 @@ html_theme_options = {
 # The header lists every page; a left sidebar would only repeat it.
 html_sidebars = {"**": []}
 # MathJax is loaded from its CDN by the reader's browser, not at build time.
-
-# The performance page shows asv's dashboard once its screenshot is committed;
-# until then a note stands in its place (an image directive would fail -W).
-if (pathlib.Path(__file__).parent / "_static" / "asv_dashboard.png").exists():
-    rst_epilog = """
-.. |asv_dashboard| image:: /_static/asv_dashboard.png
-   :alt: asv's dashboard for lars_numba.
-   :width: 100%
-"""
-else:
-    rst_epilog = """
-.. |asv_dashboard| replace:: (A screenshot of the dashboard,
-   ``docs/_static/asv_dashboard.png``, goes here once it is committed.)
-"""

@@ -1,6 +1,6 @@
-"""A 2-rank ChainerMN run with lars_numba's GradientLARS, launched by test_chainermn.py.
+"""A 2-rank ChainerMN run with one of lars_numba's hooks, launched by test_chainermn.py.
 
-Usage: ``mpiexec -n 2 python chainermn_job.py RESULT.json``
+Usage: ``mpiexec -n 2 python chainermn_job.py RESULT.json {GradientLARS,FusedGradientLARS}``
 
 Every rank trains the same small MLP, each from its own random initial
 weights, through ``chainermn.create_multi_node_optimizer`` over the naive
@@ -21,21 +21,27 @@ import chainer.links as L
 import chainermn
 import numpy as np
 
-from lars_numba.chainer import GradientLARS
+from lars_numba.chainer import FusedGradientLARS, GradientLARS
 
 STEPS = 6
 BATCH_PER_RANK = 16
 IN, HIDDEN, OUT = 5, 8, 3
 
 
-class CountingLARS(GradientLARS):
-    """GradientLARS that counts its calls."""
+def counting(hook_class: type) -> type:
+    """``hook_class`` that counts its calls."""
 
-    calls = 0
+    class Counting(hook_class):
+        calls = 0
 
-    def __call__(self, rule, param):
-        self.calls += 1
-        super().__call__(rule, param)
+        def __call__(self, *args):
+            self.calls += 1
+            super().__call__(*args)
+
+    return Counting
+
+
+HOOKS = {"GradientLARS": GradientLARS, "FusedGradientLARS": FusedGradientLARS}
 
 
 def classifier(seed: int) -> L.Classifier:
@@ -47,7 +53,7 @@ def classifier(seed: int) -> L.Classifier:
     )
 
 
-def optimizer(model: chainer.Link, hook: GradientLARS, comm=None) -> chainer.Optimizer:
+def optimizer(model: chainer.Link, hook, comm=None) -> chainer.Optimizer:
     actual = chainer.optimizers.MomentumSGD(lr=0.1)
     if comm is not None:
         actual = chainermn.create_multi_node_optimizer(actual, comm)
@@ -60,7 +66,7 @@ def flat(model: chainer.Link) -> list[float]:
     return [float(v) for _, p in sorted(model.namedparams()) for v in p.array.ravel()]
 
 
-def main(result_path: str) -> None:
+def main(result_path: str, hook_name: str) -> None:
     comm = chainermn.create_communicator("naive")
     size = comm.size
     rng = np.random.default_rng(0)
@@ -68,7 +74,7 @@ def main(result_path: str) -> None:
     t = rng.integers(0, OUT, (STEPS, size, BATCH_PER_RANK)).astype(np.int32)
 
     model = classifier(seed=comm.rank)
-    hook = CountingLARS(weight_decay=1e-3)
+    hook = counting(HOOKS[hook_name])(weight_decay=1e-3)
     opt = optimizer(model, hook, comm)
     opt.update()  # broadcasts rank 0's weights; no gradient, no hook
     history = [comm.mpi_comm.gather(flat(model), root=0)]
@@ -80,7 +86,7 @@ def main(result_path: str) -> None:
         return
 
     reference = classifier(seed=0)
-    reference_opt = optimizer(reference, GradientLARS(weight_decay=1e-3))
+    reference_opt = optimizer(reference, HOOKS[hook_name](weight_decay=1e-3))
     reference_history = [flat(reference)]
     for step in range(STEPS):
         batch = (x[step].reshape(-1, IN), t[step].reshape(-1))
@@ -103,4 +109,4 @@ def main(result_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

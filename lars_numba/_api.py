@@ -312,17 +312,24 @@ def _scale_all_cpu(ws: list, gs: list, table: np.ndarray, rates, parallel: bool)
         rates = np.empty(pairs)
     else:
         _check_rates(rates, pairs)
-    views = [kernel_view(array) for array in (*ws, *gs)]
-    views.append(rates)
-    bounds = np.array([_cpu.memory_bounds(view) for view in views], dtype=np.int64)
-    lows, highs = bounds[:, 0], bounds[:, 1]
+    ws = [kernel_view(w) for w in ws]
+    gs = [kernel_view(g) for g in gs]
+    # One compiled call per pair reads what the overlap check and the kernels need.
+    layout = np.array(
+        [_cpu.pair_layout(w, g) for w, g in zip(ws, gs, strict=True)], dtype=np.int64
+    ).reshape(pairs, len(_cpu.LAYOUT_COLUMNS))
     # The update reads w while writing g: as in scale, a w that overlaps its
     # own g without being the same view of it is copied first.
-    for i in np.flatnonzero((lows[:pairs] < highs[pairs:-1]) & (lows[pairs:-1] < highs[:pairs])):
-        w, g = views[i], views[pairs + i]
-        if w is not g and w.__array_interface__ != g.__array_interface__:
-            views[i] = w.copy()
-            lows[i], highs[i] = _cpu.memory_bounds(views[i])
+    overlapping = (layout[:, _cpu.W_LOW] < layout[:, _cpu.G_HIGH]) & (
+        layout[:, _cpu.G_LOW] < layout[:, _cpu.W_HIGH]
+    )
+    for i in np.flatnonzero(overlapping):
+        if ws[i] is not gs[i] and ws[i].__array_interface__ != gs[i].__array_interface__:
+            ws[i] = ws[i].copy()
+            layout[i] = _cpu.pair_layout(ws[i], gs[i])
+    rates_low, rates_high = _cpu.memory_bounds(rates)
+    lows = np.concatenate((layout[:, _cpu.W_LOW], layout[:, _cpu.G_LOW], [rates_low]))
+    highs = np.concatenate((layout[:, _cpu.W_HIGH], layout[:, _cpu.G_HIGH], [rates_high]))
     owners = np.concatenate((np.arange(pairs), np.arange(pairs), [pairs]))
     written = np.repeat((False, True, True), (pairs, pairs, 1))
     first, second = _cpu.first_overlap(lows, highs, owners, written)
@@ -333,4 +340,4 @@ def _scale_all_cpu(ws: list, gs: list, table: np.ndarray, rates, parallel: bool)
             "the address range of an array that is written must not overlap those of "
             "another pair's arrays"
         )
-    _cpu.scale_many(views[:pairs], views[pairs:-1], lows, table, rates, parallel)
+    _cpu.scale_many(ws, gs, layout, table, rates, parallel)

@@ -394,6 +394,23 @@ def memory_bounds(array):
     return low, high
 
 
+#: The columns of :func:`pair_layout`'s rows.
+LAYOUT_COLUMNS = range(6)
+W_LOW, W_HIGH, G_LOW, G_HIGH, SIZE, CONTIGUOUS = LAYOUT_COLUMNS
+
+
+@njit(**_OPTIONS)
+def pair_layout(w, g):
+    """What :func:`scale_many` needs of a pair, in one call: the byte ranges of
+    ``w`` and ``g``, their size, and whether they are contiguous in one order."""
+    w_low, w_high = memory_bounds(w)
+    g_low, g_high = memory_bounds(g)
+    contiguous = (w.flags.c_contiguous and g.flags.c_contiguous) or (
+        w.flags.f_contiguous and g.flags.f_contiguous
+    )
+    return w_low, w_high, g_low, g_high, w.size, int(contiguous)
+
+
 @njit(**_OPTIONS)
 def first_overlap(lows, highs, owners, written):
     """The first two byte ranges ``[low, high)`` that overlap, of different owners,
@@ -536,40 +553,35 @@ def _scale_many_serial(*arguments):
 _EMPTY_OF_DTYPE = {np.dtype(t): np.empty(0, t) for t in (np.uint16, np.float32, np.float64)}
 
 
-def scale_many(ws, gs, addresses, table, rates, parallel: bool = True) -> None:
+def scale_many(ws, gs, layout, table, rates, parallel: bool = True) -> None:
     """Scale every ``gs[i]`` in place by its rate, written to ``rates[i]``.
 
     ``ws`` and ``gs`` are validated pairs (float16 as bit patterns) that
-    overlap no other pair; ``addresses`` holds the data addresses of ``ws``,
-    then of ``gs``; ``table`` holds each pair's hyperparameters. The
-    contiguous pairs of each dtype take one call of :func:`scale_many_flat`;
-    the rare strided ones go through :func:`scale` one by one.
+    overlap no other pair, ``layout`` their rows of :func:`pair_layout` and
+    ``table`` their hyperparameters. The contiguous pairs of each dtype take
+    one call of :func:`scale_many_flat`; the rare strided ones go through
+    :func:`scale` one by one.
     """
-    pairs = len(ws)
-    groups: dict[np.dtype, list[int]] = {}
-    strided = []
-    for i, (w, g) in enumerate(zip(ws, gs, strict=True)):
-        if (w.flags.c_contiguous and g.flags.c_contiguous) or (
-            w.flags.f_contiguous and g.flags.f_contiguous
-        ):
-            groups.setdefault(w.dtype, []).append(i)
-        else:
-            strided.append(i)
-    for dtype, members in groups.items():
-        members = np.array(members)
-        sizes = np.array([ws[i].size for i in members], dtype=np.int64)
-        group_rates = np.empty(len(members))
+    contiguous = layout[:, CONTIGUOUS].astype(bool)
+    dtypes = np.array([w.dtype.num for w in ws])
+    for dtype_number in np.unique(dtypes):
+        members = np.flatnonzero(contiguous & (dtypes == dtype_number))
+        if members.size == 0:
+            continue
+        sizes = layout[members, SIZE]
+        group_rates = np.empty(members.size)
         arguments = (
-            addresses[members],
-            addresses[pairs + members],
+            layout[members, W_LOW],
+            layout[members, G_LOW],
             sizes,
             table[members],
             group_rates,
-            _EMPTY_OF_DTYPE[dtype],
+            _EMPTY_OF_DTYPE[ws[members[0]].dtype],
         )
         _on_threads_where_it_pays(
             parallel, int(sizes.sum()), _scale_many_threaded, _scale_many_serial, *arguments
         )
         rates[members] = group_rates
+    strided = np.flatnonzero(~contiguous)
     for i in strided:
         rates[i] = scale(ws[i], gs[i], tuple(table[i]), parallel)

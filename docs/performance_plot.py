@@ -86,13 +86,14 @@ def _list_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [*lines, ""]
 
 
-def _model_table(models, bandwidth) -> list[str]:
+def _model_table(models) -> list[str]:
     """The whole-model table: milliseconds per update and the ratio to ``scale_all``."""
     names = list(models[0][2])
     lines = [
         "Every gradient of a float32 model once, ``weight_decay=1e-4``, median "
         "milliseconds per update (ratio to ``scale_all`` in brackets); the floors "
-        f"are five and three passes of the model's bytes at {bandwidth / 1e9:.1f} GB/s. "
+        "are five and three passes of the model's bytes at the bandwidth measured in "
+        "the same rounds (last column). "
         "``chainer_hook`` and ``lars_hook`` are the per-parameter hooks called as the "
         "optimizer calls them, ``fused_hook`` is :class:`~lars_numba.chainer."
         "FusedGradientLARS` (``parallel=True``), ``scale_loop`` one "
@@ -102,12 +103,13 @@ def _model_table(models, bandwidth) -> list[str]:
     table = [
         [name, f"{size:,}"]
         + [f"{times[n] * 1e3:.3g} ({times[n] / times['scale_all']:.2f})" for n in names]
-        for name, size, times in models
+        + [f"{bandwidth / 1e9:.1f}"]
+        for name, size, times, bandwidth in models
     ]
-    return lines + _list_table(["model", "elements", *names], table)
+    return lines + _list_table(["model", "elements", *names, "GB/s"], table)
 
 
-def write_results(rows, bandwidth, hooks, models, loads, path: Path) -> None:
+def write_results(rows, hooks, models, loads, path: Path) -> None:
     threads = numba.get_num_threads()
     lines = [
         ".. This file is written by docs/performance_plot.py; do not edit it by hand.",
@@ -115,8 +117,9 @@ def write_results(rows, bandwidth, hooks, models, loads, path: Path) -> None:
         f"Measured {datetime.date.today().isoformat()} on {machine()}, Linux, "
         f"Python {platform.python_version()}, lars_numba {lars_numba.__version__}, "
         f"Numba {numba.__version__} ({threads} threads), NumPy {np.__version__}. "
-        f"Bandwidth: {bandwidth[False] / 1e9:.1f} GB/s on 1 thread, "
-        f"{bandwidth[True] / 1e9:.1f} GB/s on {threads}. "
+        "Bandwidth, measured in the same rounds as each row's candidates: "
+        f"{bench.bandwidth_range(rows, 1)} on 1 thread, "
+        f"{bench.bandwidth_range(rows, threads)} on {threads}. "
         f"One-minute load average {loads[0]:.1f} before the run and {loads[1]:.1f} after it "
         "(other processes share the machine). NumPy's BLAS on one thread "
         "(``lars_numba.bench.single_threaded_blas``).",
@@ -140,7 +143,7 @@ def write_results(rows, bandwidth, hooks, models, loads, path: Path) -> None:
         cells += [_floor_ratio(row)]
         table.append(cells)
     lines += _list_table(header, table)
-    lines += _model_table(models, bandwidth[True])
+    lines += _model_table(models)
     if hooks:
         lines += [
             "The hook inside SGD's ``optimizer.update()``, float32, microseconds of hook "
@@ -224,11 +227,11 @@ def main(argv: list[str] | None = None) -> None:
         f"- {cold:.2f} s with an empty cache (compiling the float32 kernels);\n"
         f"- {warm:.2f} s with the kernels in the cache.\n"
     )
-    rows, bandwidth = bench.scale_rows(args.sizes, args.rounds)
-    models = bench.model_rows(list(bench.whole_models()), args.rounds, bandwidth[True])
+    rows = bench.scale_rows(args.sizes, args.rounds)
+    models = bench.model_rows(list(bench.whole_models()), args.rounds)
     hooks = bench.hook_rows(args.rounds)
     loads = (load_before, os.getloadavg()[0])
-    write_results(rows, bandwidth, hooks, models, loads, DOCS / "performance_results.inc")
+    write_results(rows, hooks, models, loads, DOCS / "performance_results.inc")
     plot(rows, DOCS / "_static" / "performance.png")
     print(f"wrote {DOCS / 'performance_results.inc'} and {DOCS / '_static' / 'performance.png'}")
 

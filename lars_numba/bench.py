@@ -7,15 +7,15 @@ candidate only where chainer is installed.
 
 The floor is the time to move the bytes the update must move, five passes
 of ``N * itemsize`` (read ``w`` and ``g`` for the norms, read them again and
-write ``g``), at the best bandwidth measured here, with the thread count that
-``scale`` uses at that size, by a STREAM triad and by an in-place add.
+write ``g``), at the best bandwidth of a STREAM triad and of an in-place add
+with the thread count that ``scale`` uses at that size, timed in the same
+rounds as the candidates.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import math
 import os
 import statistics
 import subprocess
@@ -55,18 +55,47 @@ _STREAM_KERNELS = {
 }
 
 
-def stream_bandwidth(parallel: bool, size: int = 1 << 25, repeats: int = 10) -> float:
-    """The best bandwidth in bytes per second of a triad and of an in-place add.
+#: Elements of the stream kernels' arrays: 128 MiB each, far past any cache.
+STREAM_SIZE = 1 << 25
+
+
+@functools.cache
+def _stream_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return tuple(np.full(STREAM_SIZE, value, dtype=np.float32) for value in (0.0, 1.0, 2.0))
+
+
+def stream_candidates(parallel: bool) -> dict[str, Callable[[], object]]:
+    """A triad and an in-place add over arrays far larger than the cache.
+
+    Timed among the candidates, in the same rounds, they give the bandwidth
+    of the moments the candidates ran in: this machine's bandwidth on two
+    threads moves between about 55 and 85 GB/s from one minute to the next.
+    """
+    a, b, c = _stream_arrays()
+    return {
+        f"stream {kernel.__name__}": functools.partial(kernel, a, b, c, 3.0)
+        for kernel in _STREAM_KERNELS[parallel]
+    }
+
+
+def pop_bandwidth(times: dict[str, float]) -> float:
+    """The best bandwidth of the stream kernels in ``times``, which are removed from it.
 
     Both count three passes over the arrays, as STREAM does.
     """
-    a, b, c = (np.full(size, value, dtype=np.float32) for value in (0.0, 1.0, 2.0))
-    best = math.inf
-    for kernel in _STREAM_KERNELS[parallel]:
-        call = functools.partial(kernel, a, b, c, 3.0)
+    names = [name for name in times if name.startswith("stream ")]
+    fastest = min(times.pop(name) for name in names)
+    return 3 * STREAM_SIZE * np.dtype(np.float32).itemsize / fastest
+
+
+def stream_bandwidth(parallel: bool, repeats: int = 10) -> float:
+    """The best bandwidth in bytes per second of the stream kernels, on their own."""
+    calls = stream_candidates(parallel)
+    for call in calls.values():
         call()
-        best = min(best, *(_seconds(call) for _ in range(repeats)))
-    return 3 * a.nbytes / best
+    return pop_bandwidth(
+        {name: min(_seconds(call) for _ in range(repeats)) for name, call in calls.items()}
+    )
 
 
 def single_threaded_blas() -> bool:
@@ -135,16 +164,36 @@ def chainer_hook_call(w: np.ndarray, g: np.ndarray) -> Callable[[], object] | No
 
 
 def scale_rows(sizes, rounds: int) -> list[dict[str, float]]:
-    """One row per size: seconds per call of each candidate and the floor."""
-    bandwidth = {False: stream_bandwidth(False), True: stream_bandwidth(True)}
+    """One row per size: seconds per call of each candidate, the bandwidth and the floor.
+
+    The stream kernels run in the same rounds as the candidates, with the
+    thread count ``scale`` uses at that size.
+    """
     rows = []
     for size in sizes:
         w, g = random_pair(size)
-        times = interleaved(scale_candidates(w, g), rounds if size < 10_000_000 else 3)
         threads = size >= _cpu.PARALLEL_MIN_SIZE
-        times["floor"] = 5 * w.nbytes / bandwidth[threads]
-        rows.append({"N": size, "threads": numba.get_num_threads() if threads else 1, **times})
-    return rows, bandwidth
+        candidates = {**scale_candidates(w, g), **stream_candidates(threads)}
+        times = interleaved(candidates, rounds if size < 10_000_000 else 3)
+        bandwidth = pop_bandwidth(times)
+        times["floor"] = 5 * w.nbytes / bandwidth
+        rows.append(
+            {
+                "N": size,
+                "threads": numba.get_num_threads() if threads else 1,
+                "bandwidth": bandwidth,
+                **times,
+            }
+        )
+    return rows
+
+
+def bandwidth_range(rows, threads: int) -> str:
+    """The bandwidths measured beside the rows run on ``threads`` threads, as text."""
+    found = [row["bandwidth"] / 1e9 for row in rows if row["threads"] == threads]
+    if not found:
+        return "not measured"
+    return f"{min(found):.1f} to {max(found):.1f} GB/s"
 
 
 def random_pair(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -340,33 +389,41 @@ def model_candidates(shapes) -> tuple[dict[str, Callable[[], object]], int]:
     }, sum(w.size for w in ws)
 
 
-def model_rows(names, rounds: int, bandwidth: float) -> list[tuple[str, int, dict[str, float]]]:
-    """Seconds per whole-model call of each candidate, and the floors at ``bandwidth``.
+def model_rows(names, rounds: int) -> list[tuple[str, int, dict[str, float], float]]:
+    """Seconds per whole-model call of each candidate, the floors, and the bandwidth.
 
     The floor of five passes counts what the two kernels move from memory;
     the floor of three, what they would move if the second pass were served
-    from cache, as it is for pairs small enough to stay there.
+    from cache, as it is for pairs small enough to stay there. Both are at
+    the bandwidth of the stream kernels run in the same rounds.
     """
     rows = []
     for name in names:
         candidates, size = model_candidates(whole_models()[name])
-        times = interleaved(candidates, rounds)
+        times = interleaved({**candidates, **stream_candidates(True)}, rounds)
+        bandwidth = pop_bandwidth(times)
         times["floor5"] = 5 * 4 * size / bandwidth
         times["floor3"] = 3 * 4 * size / bandwidth
-        rows.append((name, size, times))
+        rows.append((name, size, times, bandwidth))
     return rows
 
 
 def _format_model_table(rows) -> str:
     names = list(rows[0][2])
-    width = max(len(name) for name, _, _ in rows)
-    lines = [f"{'model':<{width}} {'elements':>9} " + " ".join(f"{n:>12}" for n in names)]
-    for name, size, times in rows:
+    width = max(len(row[0]) for row in rows)
+    lines = [
+        f"{'model':<{width}} {'elements':>9} "
+        + " ".join(f"{n:>12}" for n in names)
+        + f" {'GB/s':>6}"
+    ]
+    for name, size, times, bandwidth in rows:
         lines.append(
-            f"{name:<{width}} {size:>9} " + " ".join(f"{times[n] * 1e3:>12.4g}" for n in names)
+            f"{name:<{width}} {size:>9} "
+            + " ".join(f"{times[n] * 1e3:>12.4g}" for n in names)
+            + f" {bandwidth / 1e9:>6.1f}"
         )
     lines.append("ratios to scale_all:")
-    for name, _, times in rows:
+    for name, _, times, _ in rows:
         lines.append(
             f"{name:<{width}} {'':>9} "
             + " ".join(f"{times[n] / times['scale_all']:>12.3g}" for n in names)
@@ -426,19 +483,20 @@ def main(argv: list[str] | None = None) -> None:
         warm = first_call_seconds(cache_dir)
     print(f"import + first scale() call: {cold:.2f} s with a cold cache, {warm:.2f} s warm")
 
-    rows, bandwidth = scale_rows(args.sizes, args.rounds)
+    rows = scale_rows(args.sizes, args.rounds)
+    threads = numba.get_num_threads()
     print(
-        f"scale(w, g, weight_decay={WEIGHT_DECAY}), float32; bandwidth "
-        f"{bandwidth[False] / 1e9:.1f} GB/s on 1 thread, {bandwidth[True] / 1e9:.1f} GB/s on "
-        f"{numba.get_num_threads()}; times are medians per call"
+        f"scale(w, g, weight_decay={WEIGHT_DECAY}), float32; times are medians per call; "
+        f"bandwidth, measured in the rounds of each row: {bandwidth_range(rows, 1)} on 1 thread, "
+        f"{bandwidth_range(rows, threads)} on {threads}"
     )
     print(_format_table(rows))
 
     print(
-        "\nwhole model per update, float32, weight_decay="
-        f"{WEIGHT_DECAY}: milliseconds (medians), floors at {bandwidth[True] / 1e9:.1f} GB/s"
+        f"\nwhole model per update, float32, weight_decay={WEIGHT_DECAY}: milliseconds "
+        f"(medians); floors at the bandwidth measured in each row's rounds, on {threads} threads"
     )
-    print(_format_model_table(model_rows(args.models, args.rounds, bandwidth[True])))
+    print(_format_model_table(model_rows(args.models, args.rounds)))
 
     hooks = hook_rows(args.rounds)
     if hooks:

@@ -45,12 +45,14 @@ def test_the_cutoff_table_times_both_kernels(capsys):
 def test_the_whole_model_table_times_every_candidate(capsys):
     bench.main(["--sizes", "64", "--rounds", "1", "--models", "1000 x 16"])
     lines = capsys.readouterr().out.splitlines()
-    names = next(line for line in lines if line.startswith("model")).split()[2:]
+    *names, bandwidth = next(line for line in lines if line.startswith("model")).split()[2:]
     times, ratios = (line.split()[3:] for line in lines if line.startswith("1000 x 16"))
+    assert bandwidth == "GB/s"
     expected = {"scale_loop", "scale_all", "floor5", "floor3"}
     if importlib.util.find_spec("chainer") is not None:
         expected |= {"chainer_hook", "lars_hook", "fused_hook"}
     assert set(names) == expected
-    assert len(ratios) == len(names) == len(times) - 1  # times start with the element count
+    # The times start with the element count and end with the bandwidth.
+    assert len(ratios) == len(names) == len(times) - 2
     assert all(float(value) > 0 for value in times + ratios)
     assert float(ratios[names.index("scale_all")]) == 1

@@ -133,13 +133,22 @@ def _device_pair(w, g, *, writes_g: bool):
             f"w on the {_device_name(w)} ({type(w).__name__}) and "
             f"g on the {_device_name(g)} ({type(g).__name__})"
         )
+    w_device, g_device = _device_arrays(w, g, writes_g=writes_g)
+    return w_device, g_device, _gpu_module().caller_stream(w, g)
+
+
+def _device_arrays(w, g, *, writes_g: bool, names: tuple[str, str] = ("w", "g")):
+    """``w`` and ``g`` as Numba device arrays, after the checks of :func:`check_pair`.
+
+    ``names`` are their names in the messages, as for :func:`check_pair`.
+    """
     gpu = _gpu_module()
     # An object that is no array at all is left for check_pair to name.
     w_device, g_device = (gpu.as_device_array(a) if on_gpu(a) else a for a in (w, g))
-    check_pair(w_device, g_device, writes_g=False)
+    check_pair(w_device, g_device, writes_g=False, names=names)
     if writes_g:
-        _refuse_read_only_interface("g", g)
-    return w_device, g_device, gpu.caller_stream(w, g)
+        _refuse_read_only_interface(names[1], g)
+    return w_device, g_device
 
 
 def _refuse_read_only_interface(name: str, array: object) -> None:
@@ -237,18 +246,16 @@ def scale_all(
     gpu = _gpu_module()
     # Read from the arrays as given: a converted array forgets its interface's stream.
     handle = gpu.caller_stream(ws[0], gs[0]) if ws else 0
-    for i, g in enumerate(gs):
-        _refuse_read_only_interface(f"gs[{i}]", g)
-    # An object that is no array at all is left for the checks to name.
+    pairs = [
+        _device_arrays(w, g, writes_g=True, names=(f"ws[{i}]", f"gs[{i}]"))
+        for i, (w, g) in enumerate(zip(ws, gs, strict=True))
+    ]
     if rates is not None:
         _refuse_read_only_interface("rates", rates)
+        # An object that is no array at all is left for _check_rates to name.
         rates = gpu.as_device_array(rates) if on_gpu(rates) else rates
         _check_rates(rates, len(ws))
-    ws = [gpu.as_device_array(w) if on_gpu(w) else w for w in ws]
-    gs = [gpu.as_device_array(g) if on_gpu(g) else g for g in gs]
-    for i, (w, g) in enumerate(zip(ws, gs, strict=True)):
-        check_pair(w, g, writes_g=False, names=(f"ws[{i}]", f"gs[{i}]"))
-    gpu.scale_all(ws, gs, table, rates, handle)
+    gpu.scale_all([w for w, _ in pairs], [g for _, g in pairs], table, rates, handle)
 
 
 def _array_sequence(name: str, value: object) -> list:

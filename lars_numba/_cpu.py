@@ -264,11 +264,11 @@ def balanced_splits(weights, tasks):
 
 
 @njit(inline="always", **_OPTIONS)
-def pair_at(w_addresses, g_addresses, sizes, pair, like):
-    """Pair ``pair`` of the contiguous arrays at the addresses, 1-d, of ``like``'s dtype."""
+def chunk_at(w_addresses, g_addresses, sizes, pair, chunk, like):
+    """Chunk ``chunk`` of pair ``pair`` of the contiguous 1-d arrays at the addresses."""
     w = carray(address_as_pointer(w_addresses[pair]), sizes[pair], like.dtype)
     g = carray(address_as_pointer(g_addresses[pair]), sizes[pair], like.dtype)
-    return w, g
+    return chunk_of(w, g, chunk)
 
 
 #: Bytes of ``w`` and ``g`` that :func:`scale_many_flat` takes through both
@@ -342,8 +342,9 @@ def _many_pairs_kernel(parallel: bool):
             for task in loop(tasks):
                 for chunk in range(splits[task], splits[task + 1]):
                     pair = chunk_pair[chunk]
-                    w, g = pair_at(w_addresses, g_addresses, sizes, pair, like)
-                    w_chunk, g_chunk = chunk_of(w, g, chunk - first_chunk[pair])
+                    w_chunk, g_chunk = chunk_at(
+                        w_addresses, g_addresses, sizes, pair, chunk - first_chunk[pair], like
+                    )
                     w_sq, g_sq = sum_squares_pair(w_chunk, g_chunk)
                     if last_work[chunk] == 0:
                         hyper = hyper_row(table, pair)
@@ -366,8 +367,9 @@ def _many_pairs_kernel(parallel: bool):
                 for chunk in range(splits[task], splits[task + 1]):
                     if last_work[chunk] > 0:
                         pair = chunk_pair[chunk]
-                        w, g = pair_at(w_addresses, g_addresses, sizes, pair, like)
-                        w_chunk, g_chunk = chunk_of(w, g, chunk - first_chunk[pair])
+                        w_chunk, g_chunk = chunk_at(
+                            w_addresses, g_addresses, sizes, pair, chunk - first_chunk[pair], like
+                        )
                         weight_decay = weight_decay_of(hyper_row(table, pair))
                         apply_rate_pair(w_chunk, g_chunk, rates[pair], weight_decay)
 

@@ -268,6 +268,8 @@ def apply_rate_chunks(ws, gs, chunks, sums, table, rates):
         slot = chunks[chunk, 0]
         total = chunks.shape[0] + slot
         pair = chunks[chunk, 5]
+        # _cpu.hyper_row's tuple, spelled out: the simulator cannot pass its
+        # arrays to a CPU-compiled function.
         hyper = (table[pair, 0], table[pair, 1], table[pair, 2])
         rate = _cpu.rate_from_sums(sums[total, 0], sums[total, 1], hyper)
         if chunk == chunks[chunk, 3] and thread == 0 and rates.size > 0:

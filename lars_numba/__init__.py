@@ -58,7 +58,7 @@ def scale(
     eps : float, optional
         Added to the denominator of the rate.
     parallel : bool, optional
-        Let NumPy arrays of at least ``lars_numba._cpu.PARALLEL_MIN_SIZE``
+        Let NumPy arrays of at least ``lars_numba.tunables.PARALLEL_MIN_SIZE``
         elements run on all of Numba's threads. Pass ``False`` inside a loop
         whose other work keeps threads of its own busy on the same cores, such
         as NumPy's BLAS between matrix products: a parallel kernel then waits

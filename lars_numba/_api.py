@@ -12,45 +12,14 @@ on the first such call so that ``import lars_numba`` does not load
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import numpy as np
 
-from . import _cpu
+from . import _cpu, _layout
+from ._rule import HYPERPARAMETERS, Hyperparameters, hyperparameters
+
+__all__ = ["HYPERPARAMETERS", "Hyperparameters", "hyperparameters"]
 
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-
-
-#: The hyperparameters of one LARS rule, in the order of the plain tuple every
-#: kernel receives. A LARS variant is a new entry here and in the kernels' rate
-#: rule, not a new signature through every kernel. The tuple is a plain one
-#: because Numba takes a named tuple argument about 0.5 us slower per call.
-HYPERPARAMETERS = ("threshold", "weight_decay", "eps")
-
-Hyperparameters = tuple[float, float, float]
-
-
-def hyperparameters(threshold: float, weight_decay: float, eps: float) -> Hyperparameters:
-    """Check the hyperparameters and return them as a tuple of floats."""
-    values = (threshold, weight_decay, eps)
-    # The common case, plain finite non-negative floats, is decided without a
-    # loop: it is on the path of every call.
-    if (
-        type(threshold) is float
-        and type(weight_decay) is float
-        and type(eps) is float
-        and 0.0 <= threshold < math.inf
-        and 0.0 <= weight_decay < math.inf
-        and 0.0 <= eps < math.inf
-    ):
-        return values
-    for name, value in zip(HYPERPARAMETERS, values, strict=True):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{name} must be a real number; got {type(value).__name__}")
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be finite and >= 0; got {value!r}")
-    return tuple(float(value) for value in values)
 
 
 def _check_array(name: str, array: object) -> None:
@@ -190,7 +159,7 @@ def scale(w, g, hyper: Hyperparameters, parallel: bool = True) -> float | None:
         # The update reads w while writing g: an overlap other than w being g
         # itself would read elements that were already scaled.
         w = w.copy()
-    return _cpu.scale(kernel_view(w), kernel_view(g), hyper, parallel)
+    return _cpu.pair_rate((kernel_view(w), kernel_view(g)), hyper, True, parallel)
 
 
 def trust_ratio(w, g, hyper: Hyperparameters, parallel: bool = True) -> float:
@@ -202,7 +171,7 @@ def trust_ratio(w, g, hyper: Hyperparameters, parallel: bool = True) -> float:
         w, g, stream = _device_pair(w, g, writes_g=False)
         return _gpu_module().trust_ratio(w, g, hyper, stream)
     check_pair(w, g, writes_g=False)
-    return _cpu.trust_ratio(kernel_view(w), kernel_view(g), hyper, parallel)
+    return _cpu.pair_rate((kernel_view(w), kernel_view(g)), hyper, False, parallel)
 
 
 # -- many pairs ----------------------------------------------------------------
@@ -227,15 +196,14 @@ def scale_all(
     gs = _array_sequence("gs", gs)
     if len(gs) != len(ws):
         raise ValueError(f"gs must hold one array per array of ws, {len(ws)}; got {len(gs)}")
-    table = hyperparameter_table(hyper, len(ws), weight_decay_mask, trust_ratio_mask)
+    masks = pair_masks(len(ws), weight_decay_mask, trust_ratio_mask)
     arrays = (*ws, *gs) if rates is None else (*ws, *gs, rates)
     # Plain NumPy arrays, the common case, are told apart without a call per array.
     if all(isinstance(array, np.ndarray) for array in arrays) or not any(map(on_gpu, arrays)):
-        _scale_all_cpu(ws, gs, table, rates, parallel)
+        _scale_all_cpu(ws, gs, hyper, masks, rates, parallel)
         return
-    names = [*(f"ws[{i}]" for i in range(len(ws))), *(f"gs[{i}]" for i in range(len(gs)))]
-    names.append("rates")  # unused when rates is None: zip stops at the arrays
-    placed = list(zip(names, arrays, strict=False))
+    # The name "rates" is unused when rates is None: zip stops at the arrays.
+    placed = list(zip(_layout.pair_names(len(ws), rates=True), arrays, strict=False))
     cpu = next((name for name, array in placed if isinstance(array, np.ndarray)), None)
     if cpu is not None:
         gpu = next(name for name, array in placed if on_gpu(array))
@@ -255,7 +223,7 @@ def scale_all(
         # An object that is no array at all is left for _check_rates to name.
         rates = gpu.as_device_array(rates) if on_gpu(rates) else rates
         _check_rates(rates, len(ws))
-    gpu.scale_all([w for w, _ in pairs], [g for _, g in pairs], table, rates, handle)
+    gpu.scale_all([w for w, _ in pairs], [g for _, g in pairs], hyper, masks, rates, handle)
 
 
 def _array_sequence(name: str, value: object) -> list:
@@ -269,24 +237,19 @@ def _array_sequence(name: str, value: object) -> list:
         ) from None
 
 
-def hyperparameter_table(
-    hyper: Hyperparameters, pairs: int, weight_decay_mask: object, trust_ratio_mask: object
-) -> np.ndarray:
-    """Each pair's hyperparameters, a row of ``hyper`` with the masks applied.
+def pair_masks(pairs: int, weight_decay_mask: object, trust_ratio_mask: object) -> np.ndarray:
+    """Whether each pair gets weight decay and its trust ratio: a (pairs, 2) uint8 array.
 
-    A pair outside ``trust_ratio_mask`` gets an infinite threshold, which no
-    norm exceeds, hence rate 1; one outside ``weight_decay_mask`` gets weight
-    decay 0. So a masked pair runs the kernels' one rule, not a second one.
+    Both engines hand each row to :func:`lars_numba._rule.masked`, so that a
+    masked pair runs the one rule with other hyperparameters.
     """
-    table = np.empty((pairs, len(HYPERPARAMETERS)))
-    table[:] = hyper
-    for name, mask, column, value in (
-        ("trust_ratio_mask", trust_ratio_mask, HYPERPARAMETERS.index("threshold"), math.inf),
-        ("weight_decay_mask", weight_decay_mask, HYPERPARAMETERS.index("weight_decay"), 0.0),
+    masks = np.ones((pairs, 2), np.uint8)
+    for column, (name, mask) in enumerate(
+        (("weight_decay_mask", weight_decay_mask), ("trust_ratio_mask", trust_ratio_mask))
     ):
         if mask is not None:
-            table[~_bool_mask(name, mask, pairs), column] = value
-    return table
+            masks[:, column] = _bool_mask(name, mask, pairs)
+    return masks
 
 
 def _bool_mask(name: str, mask: object, pairs: int) -> np.ndarray:
@@ -310,7 +273,7 @@ def _check_rates(rates: object, pairs: int) -> None:
         raise ValueError("rates must be writeable; got a read-only array")
 
 
-def _scale_all_cpu(ws: list, gs: list, table: np.ndarray, rates, parallel: bool) -> None:
+def _scale_all_cpu(ws: list, gs: list, hyper, masks: np.ndarray, rates, parallel: bool) -> None:
     pairs = len(ws)
     for i, (w, g) in enumerate(zip(ws, gs, strict=True)):
         if not plain_pair(w, g):
@@ -323,28 +286,16 @@ def _scale_all_cpu(ws: list, gs: list, table: np.ndarray, rates, parallel: bool)
     gs = [kernel_view(g) for g in gs]
     # One compiled call per pair reads what the overlap check and the kernels need.
     layout = np.array(
-        [_cpu.pair_layout(w, g) for w, g in zip(ws, gs, strict=True)], dtype=np.int64
-    ).reshape(pairs, len(_cpu.LAYOUT_COLUMNS))
+        [_layout.pair_layout(w, g) for w, g in zip(ws, gs, strict=True)], dtype=np.int64
+    ).reshape(pairs, len(_layout.LAYOUT_COLUMNS))
     # The update reads w while writing g: as in scale, a w that overlaps its
     # own g without being the same view of it is copied first.
-    overlapping = (layout[:, _cpu.W_LOW] < layout[:, _cpu.G_HIGH]) & (
-        layout[:, _cpu.G_LOW] < layout[:, _cpu.W_HIGH]
+    overlapping = (layout[:, _layout.W_LOW] < layout[:, _layout.G_HIGH]) & (
+        layout[:, _layout.G_LOW] < layout[:, _layout.W_HIGH]
     )
     for i in np.flatnonzero(overlapping):
         if ws[i] is not gs[i] and ws[i].__array_interface__ != gs[i].__array_interface__:
             ws[i] = ws[i].copy()
-            layout[i] = _cpu.pair_layout(ws[i], gs[i])
-    rates_low, rates_high = _cpu.memory_bounds(rates)
-    lows = np.concatenate((layout[:, _cpu.W_LOW], layout[:, _cpu.G_LOW], [rates_low]))
-    highs = np.concatenate((layout[:, _cpu.W_HIGH], layout[:, _cpu.G_HIGH], [rates_high]))
-    owners = np.concatenate((np.arange(pairs), np.arange(pairs), [pairs]))
-    written = np.repeat((False, True, True), (pairs, pairs, 1))
-    first, second = _cpu.first_overlap(lows, highs, owners, written)
-    if first >= 0:
-        names = [*(f"ws[{i}]" for i in range(pairs)), *(f"gs[{i}]" for i in range(pairs)), "rates"]
-        raise ValueError(
-            f"{names[min(first, second)]} and {names[max(first, second)]} overlap in memory; "
-            "the address range of an array that is written must not overlap those of "
-            "another pair's arrays"
-        )
-    _cpu.scale_many(ws, gs, layout, table, rates, parallel)
+            layout[i] = _layout.pair_layout(ws[i], gs[i])
+    _layout.refuse_overlaps(layout, rates)
+    _cpu.scale_many(ws, gs, layout, hyper, masks, rates, parallel)

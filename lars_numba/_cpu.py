@@ -1,13 +1,24 @@
-"""CPU kernels for LARS, compiled with ``numba.njit``.
+"""The CPU engine: a sums pass and an update pass over the arrays of N pairs.
 
-Every kernel accumulates in float64: a float16 sum of squares overflows past
+The rule comes from :mod:`lars_numba._rule`, compiled here with ``numba.njit``;
+the engine is compiled once per update of :data:`lars_numba._rule.UPDATES`,
+whatever its number of arrays per pair. ``scale`` and ``trust_ratio`` are the
+engine on one pair, ``scale_all`` on many; a pair whose arrays have no 1-d
+views that pair their elements takes the n-d path, row by row, through the
+same loops.
+
+Every sum is accumulated in float64: a float16 sum of squares overflows past
 65504 (300 squared is already 90000) and a float32 sum loses digits over
 millions of terms, while a float64 accumulator costs nothing on a memory-bound
 loop. The update is computed in float64 and rounded once to the array's dtype.
 
+A pair's sums are taken in chunks of :data:`lars_numba.tunables.CPU_CHUNK`
+elements and the chunks' sums added in chunk order, on every path, so that a
+rate does not depend on the thread count nor on the other pairs of a call.
+
 Numba has no float16 arithmetic on the CPU, so float16 arrays arrive here as
-their ``uint16`` bit patterns and ``load``/``encode`` convert them exactly
-(round half to even, like NumPy's ``astype``).
+their ``uint16`` bit patterns, converted by LLVM's ``half`` type (the F16C
+instructions on x86-64): exactly, and rounded once (see :func:`half_bits`).
 
 Compile options, chosen once here for every kernel:
 
@@ -17,217 +28,195 @@ Compile options, chosen once here for every kernel:
 - ``error_model='numpy'``: a division by zero gives Inf or NaN, not an
   exception, again as in NumPy.
 - ``nogil=True`` so that several Python threads can run kernels at once.
-- ``cache=True`` so that a process pays the compile cost only once per machine.
+- ``cache=True`` so that a process pays the compile cost only once per machine;
+  every kernel carries :data:`lars_numba._rule.SOURCE_DIGEST`, so that a change
+  of the rule's file compiles them anew.
 """
 
-import math
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
 import threading
 
 import numpy as np
-from numba import carray, get_num_threads, njit, prange, types
+from llvmlite import ir
+from numba import carray, config, get_num_threads, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-_OPTIONS = {
-    "cache": True,
+from . import _layout, _rule, tunables
+
+
+def _load_tbb() -> None:
+    """Make TBB's library findable, so that Numba picks its threading layer.
+
+    Numba tries TBB first, but the ``tbb`` wheel puts ``libtbb.so.12`` in the
+    environment's ``lib/``, off the loader's path. TBB's work-stealing pool
+    lets the calling thread do a parallel loop's work when the other cores are
+    busy; OpenMP's waits for every worker to be scheduled (1.5 to 10 times
+    slower than serial, measured beside a busy process on 2 cores). A layer
+    the user chose is left alone.
+    """
+    if config.THREADING_LAYER not in ("default", "tbb") or not sys.platform.startswith("linux"):
+        return
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        library = os.path.join(prefix, "lib", "libtbb.so.12")
+        if os.path.exists(library):
+            try:
+                ctypes.CDLL(library, mode=ctypes.RTLD_GLOBAL)
+            except OSError:
+                continue
+            return
+
+
+_load_tbb()
+
+OPTIONS = {
     "nogil": True,
     "error_model": "numpy",
     "fastmath": {"reassoc", "contract"},
 }
+KERNEL_OPTIONS = {"cache": True, **OPTIONS}
 
-#: Arrays with fewer elements than this run serially: below it, waking the
-#: thread pool costs more than it saves (measured by ``python -m lars_numba.bench
-#: --cutoff``; see the README).
-PARALLEL_MIN_SIZE = 1 << 16
-
-# Numba's default ``workqueue`` threading layer aborts the process when two
-# threads enter parallel kernels at once, so only one thread at a time may
-# run them; the others take the serial kernels, which release the GIL too.
+# Numba's ``workqueue`` threading layer aborts the process when two threads
+# enter parallel kernels at once, so only one thread at a time may run them;
+# the others take the serial kernels, which release the GIL too.
 _parallel_slot = threading.Lock()
 
 
 # -- float16 as uint16 bit patterns --------------------------------------------
 
 
-@njit(**_OPTIONS)
-def half_bits_to_float(bits):
-    """The float64 value of the IEEE binary16 number whose bits are ``bits``."""
-    exponent = (bits >> 10) & 0x1F
-    mantissa = bits & 0x3FF
-    if exponent == 0x1F:
-        value = np.inf if mantissa == 0 else np.nan
-    elif exponent == 0:
-        value = math.ldexp(float(mantissa), -24)
-    else:
-        value = math.ldexp(float(mantissa | 0x400), int(exponent) - 25)
-    return -value if bits & 0x8000 else value
+@intrinsic
+def half_bits(typingctx, bits):
+    """The float64 value of the IEEE binary16 number whose bits are ``bits``: exact."""
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.DoubleType())
+
+    return types.float64(types.uint16), codegen
 
 
-@njit(**_OPTIONS)
-def float_to_half_bits(value):
-    """The bits of ``value`` rounded to the nearest binary16, ties to even."""
-    sign = 0x8000 if math.copysign(1.0, value) < 0 else 0
-    magnitude = abs(value)
-    if magnitude != magnitude:
-        return np.uint16(sign | 0x7E00)
-    # Quantize on the binary16 grid around ``magnitude``: 10 fraction bits in
-    # the normal range, a fixed step of 2**-24 in the subnormal range. Scaling
-    # by a power of two is exact, so ``rint`` rounds exactly once, ties to even.
-    if magnitude >= 2.0**-14:
-        step_exponent = math.frexp(magnitude)[1] - 11
-    else:
-        step_exponent = -24
-    if step_exponent > 5:  # 65536 and above, Inf included
-        return np.uint16(sign | 0x7C00)
-    steps = np.rint(math.ldexp(magnitude, -step_exponent))
-    rounded = math.ldexp(steps, step_exponent)
-    if rounded >= 65536.0:  # rounded up past the largest finite binary16
-        return np.uint16(sign | 0x7C00)
-    if rounded < 2.0**-14:
-        return np.uint16(sign | int(steps))
-    fraction, exponent = math.frexp(rounded)  # rounded = fraction * 2**exponent
-    mantissa = int(math.ldexp(fraction, 11)) - 0x400
-    return np.uint16(sign | ((exponent + 14) << 10) | mantissa)
+@intrinsic
+def single_to_half_bits(typingctx, value):
+    """The bits of the float32 ``value`` rounded to binary16, ties to even."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def single_bits(typingctx, value):
+    """The bits of a float32, as a uint32."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def bits_single(typingctx, bits):
+    """The float32 whose bits are the uint32 ``bits``."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@njit(inline="always", **OPTIONS)
+def to_half_bits(value):
+    """The bits of the float64 ``value`` rounded once to binary16, ties to even.
+
+    Through float32 rounded to odd (truncated, its last bit set if inexact):
+    float32 has more than twice binary16's precision plus two bits, so the
+    second rounding, float32 to binary16 in hardware, gives what one rounding
+    of ``value`` would. A plain float32 rounding first would round twice.
+    """
+    single = np.float32(value)
+    back = np.float64(single)
+    bits = single_bits(single)
+    bits = (bits - np.uint32(abs(back) > abs(value))) | np.uint32(back != value)
+    return single_to_half_bits(bits_single(bits))
 
 
 def load(x):
     """An element of an input array, as float64."""
 
 
-def encode(value, array):
+def store(value, array):
     """The float64 ``value`` rounded to what ``array`` holds, ready to assign."""
 
 
 @overload(load, inline="always")
 def _load(x):
     if x == types.uint16:
-        return lambda x: half_bits_to_float(x)
+        return lambda x: half_bits(x)
     return lambda x: np.float64(x)
 
 
-@overload(encode, inline="always")
-def _encode(value, array):
+@overload(store, inline="always")
+def _store(value, array):
     if array.dtype == types.uint16:
-        return lambda value, array: float_to_half_bits(value)
+        return lambda value, array: to_half_bits(value)
     return lambda value, array: value
 
 
-# -- the scalar rule -----------------------------------------------------------
-#
-# ``hyper`` is the tuple ``_api.HYPERPARAMETERS`` describes: a LARS variant
-# adds an entry there and a branch here, and every kernel carries it unchanged.
+# -- the rule, compiled --------------------------------------------------------
+
+rate_from_sums = njit(inline="always", **OPTIONS)(_rule.rate_from_sums)
+norm_terms = njit(inline="always", **OPTIONS)(_rule.norm_terms)
+masked = njit(inline="always", **OPTIONS)(_rule.masked)
+
+#: The updates, compiled, and what they write, in the order of ``_rule.UPDATES``.
+_UPDATES = tuple(njit(inline="always", **OPTIONS)(u.function) for u in _rule.UPDATES.values())
+_WRITTEN = tuple(u.written for u in _rule.UPDATES.values())
+ZERO_SUMS = (0.0,) * _rule.SUMS
 
 
-@njit(**_OPTIONS)
-def rate_from_sums(w_sq, g_sq, hyper):
-    """``||w|| / (eps + ||g|| + weight_decay * ||w||)`` if ``||w|| > threshold`` else 1."""
-    threshold, weight_decay, eps = hyper
-    w_norm = math.sqrt(w_sq)
-    if w_norm > threshold:
-        return w_norm / (eps + math.sqrt(g_sq) + weight_decay * w_norm)
-    return 1.0
+# -- rows of a pair's arrays: generated for any number of arrays ---------------
 
 
-@njit(inline="always", **_OPTIONS)
-def weight_decay_of(hyper):
-    """The weight decay in ``hyper``."""
-    return hyper[1]
+def _generated(name: str, arguments: str, body: str, scope: dict) -> object:
+    """A function ``name(arguments)`` returning ``body``, for an overload's implementation."""
+    namespace = dict(scope)
+    exec(f"def {name}({arguments}):\n    return {body}\n", namespace)
+    return namespace[name]
 
 
-# -- loops over 1-d views -------------------------------------------------------
-#
-# Every 1-d kernel below is made of these two loops, so that the serial,
-# parallel and many-array kernels compute alike.
+def add_sums(a, b):
+    """``a + b`` element by element, for tuples of sums."""
 
 
-@njit(**_OPTIONS)
-def sum_squares_pair(w, g):
-    """``(sum w[i]**2, sum g[i]**2)`` for 1-d ``w`` and ``g``."""
-    w_sq = 0.0
-    g_sq = 0.0
-    # Loops start at 0 and callers pass slices: from an index LLVM cannot
-    # prove non-negative, the wrap-around of negative indices stays in the
-    # loop and stops it from being vectorized (5 times slower, measured).
-    for i in range(w.shape[0]):
-        w_value = load(w[i])
-        g_value = load(g[i])
-        w_sq += w_value * w_value
-        g_sq += g_value * g_value
-    return w_sq, g_sq
+@overload(add_sums, inline="always")
+def _add_sums(a, b):
+    body = ", ".join(f"a[{k}] + b[{k}]" for k in range(len(a)))
+    return _generated("add", "a, b", f"({body},)", {})
 
 
-@njit(**_OPTIONS)
-def apply_rate_pair(w, g, rate, weight_decay):
-    """``g[i] <- rate * (g[i] + weight_decay * w[i])`` for 1-d ``w`` and ``g``."""
-    for i in range(w.shape[0]):
-        g[i] = encode(rate * (load(g[i]) + weight_decay * load(w[i])), g)
+def chunk_of(arrays, start, stop):
+    """``(arrays[0][start:stop], arrays[1][start:stop], ...)``."""
 
 
-#: Elements per task of the parallel and many-array kernels: large enough that
-#: a task outlasts its scheduling, small enough that a pair of float32 chunks
-#: (512 KiB) stays in a core's L2 cache between the two passes.
-CHUNK_SIZE = 1 << 16
+@overload(chunk_of, inline="always")
+def _chunk_of(arrays, start, stop):
+    body = ", ".join(f"arrays[{k}][start:stop]" for k in range(len(arrays)))
+    return _generated("chunk", "arrays, start, stop", f"({body},)", {})
 
 
-@njit(inline="always", **_OPTIONS)
-def chunk_count(size):
-    """The number of chunks of ``CHUNK_SIZE`` that cover ``size`` elements, at least one."""
-    return max(1, -(-size // CHUNK_SIZE))
+def rows_at(arrays, index):
+    """``(arrays[0][index], arrays[1][index], ...)``: 1-d rows of n-d arrays."""
 
 
-@njit(inline="always", **_OPTIONS)
-def chunk_of(w, g, chunk):
-    """The ``chunk``-th slices of ``CHUNK_SIZE`` elements of 1-d ``w`` and ``g``."""
-    start = chunk * CHUNK_SIZE
-    return w[start : start + CHUNK_SIZE], g[start : start + CHUNK_SIZE]
-
-
-# -- kernels over one pair of 1-d views ----------------------------------------
-
-
-@njit(**_OPTIONS)
-def trust_ratio_flat(w, g, hyper):
-    """The rate for 1-d ``w`` and ``g``: both sums of squares in one pass."""
-    return rate_from_sums(*sum_squares_pair(w, g), hyper)
-
-
-@njit(**_OPTIONS)
-def apply_rate_flat(w, g, rate, hyper):
-    """``g <- rate * (g + weight_decay * w)`` for 1-d ``w`` and ``g``."""
-    apply_rate_pair(w, g, rate, weight_decay_of(hyper))
-
-
-@njit(**_OPTIONS)
-def scale_flat(w, g, hyper):
-    """Both passes over 1-d ``w`` and ``g`` in one call; returns the rate."""
-    rate = trust_ratio_flat(w, g, hyper)
-    apply_rate_flat(w, g, rate, hyper)
-    return rate
-
-
-@njit(parallel=True, **_OPTIONS)
-def trust_ratio_flat_parallel(w, g, hyper):
-    """:func:`trust_ratio_flat` with a chunk per task on all threads."""
-    size = w.shape[0]
-    w_sq = 0.0
-    g_sq = 0.0
-    for chunk in prange(chunk_count(size)):
-        chunk_w_sq, chunk_g_sq = sum_squares_pair(*chunk_of(w, g, chunk))
-        w_sq += chunk_w_sq
-        g_sq += chunk_g_sq
-    return rate_from_sums(w_sq, g_sq, hyper)
-
-
-@njit(parallel=True, **_OPTIONS)
-def apply_rate_flat_parallel(w, g, rate, hyper):
-    """:func:`apply_rate_flat` with a chunk per task on all threads."""
-    size = w.shape[0]
-    weight_decay = weight_decay_of(hyper)
-    for chunk in prange(chunk_count(size)):
-        apply_rate_pair(*chunk_of(w, g, chunk), rate, weight_decay)
-
-
-# -- many pairs in one call ----------------------------------------------------
+@overload(rows_at, inline="always")
+def _rows_at(arrays, index):
+    body = ", ".join(f"arrays[{k}][index]" for k in range(len(arrays)))
+    return _generated("rows", "arrays, index", f"({body},)", {})
 
 
 @intrinsic
@@ -240,13 +229,155 @@ def address_as_pointer(typingctx, address):
     return types.voidptr(types.intp), codegen
 
 
-@njit(inline="always", **_OPTIONS)
-def hyper_row(table, pair):
-    """Row ``pair`` of a table of hyperparameters, as the tuple the rate rule takes."""
-    return table[pair, 0], table[pair, 1], table[pair, 2]
+def views_at(addresses, pair, size, like, count):
+    """The ``count`` contiguous 1-d arrays of ``size`` elements at ``addresses[pair]``."""
 
 
-@njit(**_OPTIONS)
+@overload(views_at, inline="always")
+def _views_at(addresses, pair, size, like, count):
+    if not isinstance(count, types.IntegerLiteral):
+        return None  # Numba asks again with the constant's value
+    body = ", ".join(
+        f"carray(pointer(addresses[pair, {k}]), size, like.dtype)"
+        for k in range(count.literal_value)
+    )
+    return _generated(
+        "views",
+        "addresses, pair, size, like, count",
+        f"({body},)",
+        {"carray": carray, "pointer": address_as_pointer},
+    )
+
+
+# -- the two loops every kernel is made of --------------------------------------
+
+
+@njit(**OPTIONS)
+def chunk_sums(w, g):
+    """The sums of :func:`lars_numba._rule.norm_terms` over 1-d ``w`` and ``g``."""
+    sums = ZERO_SUMS
+    # Loops start at 0 and callers pass slices: from an index LLVM cannot
+    # prove non-negative, the wrap-around of negative indices stays in the
+    # loop and stops it from being vectorized (5 times slower, measured).
+    for i in range(w.shape[0]):
+        sums = add_sums(sums, norm_terms(load(w[i]), load(g[i])))
+    return sums
+
+
+def update_chunk(arrays, rate, hyper, update):
+    """Apply update number ``update`` (a constant) to each element of the 1-d ``arrays``."""
+
+
+@overload(update_chunk, inline="always")
+def _update_chunk(arrays, rate, hyper, update):
+    if not isinstance(update, types.IntegerLiteral):
+        return None  # Numba asks again with the constant's value
+    number = update.literal_value
+    stores = "".join(
+        f"        arrays[{k}][i] = store(values[{k}], arrays[{k}])\n"
+        for k, written in enumerate(_WRITTEN[number])
+        if written
+    )
+    loads = ", ".join(f"load(arrays[{k}][i])" for k in range(len(_WRITTEN[number])))
+    namespace = {"function": _UPDATES[number], "load": load, "store": store}
+    exec(
+        "def apply(arrays, rate, hyper, update):\n"
+        "    for i in range(arrays[0].shape[0]):\n"
+        f"        values = function(rate, hyper, {loads})\n" + stores,
+        namespace,
+    )
+    return namespace["apply"]
+
+
+# -- kernels ----------------------------------------------------------------
+#
+# Numba's cache keys a kernel by its bytecode and closure, not by its compile
+# options, so each kernel is made by a function whose closure holds what
+# tells the variants apart: the loop function (``prange``, or ``range`` when
+# serial), the update's number and the rule's digest. Kernels call only
+# module-level functions: a compiled function in a closure would defeat the
+# cache.
+
+
+def sums_row(partial, index):
+    """Row ``index`` of a 2-d array of partial sums, as a tuple of sums."""
+
+
+@overload(sums_row, inline="always")
+def _sums_row(partial, index):
+    body = ", ".join(f"partial[index, {k}]" for k in range(_rule.SUMS))
+    return _generated("row", "partial, index", f"({body},)", {})
+
+
+@njit(inline="always", **OPTIONS)
+def store_sums(partial, index, sums):
+    """``partial[index] <- sums``."""
+    for k in range(len(sums)):
+        partial[index, k] = sums[k]
+
+
+@njit(inline="always", **OPTIONS)
+def total_in_order(partial, first, end):
+    """The sum of the rows ``first:end`` of ``partial``, added in row order."""
+    total = ZERO_SUMS
+    for index in range(first, end):
+        total = add_sums(total, sums_row(partial, index))
+    return total
+
+
+def _pair_kernels(update: int, parallel: bool, apply: bool):
+    """The kernels over one pair, serial or on all threads: its rate and, if ``apply``,
+    update number ``update`` (without it, the arrays may be read-only)."""
+    loop = prange if parallel else range
+    digest = _rule.SOURCE_DIGEST
+
+    @njit(parallel=parallel, **KERNEL_OPTIONS)
+    def pair_rate(arrays, hyper, chunk):
+        """The rate of the pair of 1-d ``arrays`` and, if ``apply``, the update.
+
+        Both passes in one call, a chunk a task; a pair of one chunk is updated
+        right after its sums, while it is in cache.
+        """
+        assert digest
+        size = arrays[0].shape[0]
+        chunks = max(1, -(-size // chunk))
+        if chunks == 1:
+            rate = rate_from_sums(chunk_sums(arrays[0], arrays[1]), hyper)
+            if apply:
+                update_chunk(arrays, rate, hyper, update)
+            return rate
+        partial = np.empty((chunks, len(ZERO_SUMS)))
+        for index in loop(chunks):
+            part = chunk_of(arrays, index * chunk, (index + 1) * chunk)
+            store_sums(partial, index, chunk_sums(part[0], part[1]))
+        rate = rate_from_sums(total_in_order(partial, 0, chunks), hyper)
+        if apply:
+            for index in loop(chunks):
+                part = chunk_of(arrays, index * chunk, (index + 1) * chunk)
+                update_chunk(part, rate, hyper, update)
+        return rate
+
+    @njit(**KERNEL_OPTIONS)
+    def nd_rate(arrays, hyper):
+        """:func:`pair_rate` for n-d arrays of any strides, row by row, on one thread."""
+        assert digest
+        total = ZERO_SUMS
+        for index in np.ndindex(arrays[0].shape[:-1]):
+            rows = rows_at(arrays, index)
+            total = add_sums(total, chunk_sums(rows[0], rows[1]))
+        rate = rate_from_sums(total, hyper)
+        if apply:
+            for index in np.ndindex(arrays[0].shape[:-1]):
+                update_chunk(rows_at(arrays, index), rate, hyper, update)
+        return rate
+
+    return pair_rate, nd_rate
+
+
+# -- many pairs in one call -----------------------------------------------------
+
+
+@njit(**OPTIONS)
 def balanced_splits(weights, tasks):
     """Where to cut ``weights`` into ``tasks`` runs of about equal sums, in order."""
     splits = np.empty(tasks + 1, np.int64)
@@ -263,28 +394,14 @@ def balanced_splits(weights, tasks):
     return splits
 
 
-@njit(inline="always", **_OPTIONS)
-def chunk_at(w_addresses, g_addresses, sizes, pair, chunk, like):
-    """Chunk ``chunk`` of pair ``pair`` of the contiguous 1-d arrays at the addresses."""
-    w = carray(address_as_pointer(w_addresses[pair]), sizes[pair], like.dtype)
-    g = carray(address_as_pointer(g_addresses[pair]), sizes[pair], like.dtype)
-    return chunk_of(w, g, chunk)
-
-
-#: Bytes of ``w`` and ``g`` that :func:`scale_many_flat` takes through both
-#: passes before it moves on: half of a 32 MiB last-level cache, so that the
-#: second pass finds them there, as it does for one array of that size.
-BATCH_BYTES = 16 << 20
-
-
-@njit(**_OPTIONS)
-def pair_batches(sizes, itemsize):
-    """Where to cut the pairs into runs of at most ``BATCH_BYTES`` (a larger pair alone)."""
+@njit(**OPTIONS)
+def pair_batches(sizes, itemsize, batch_bytes):
+    """Where to cut the pairs into runs of at most ``batch_bytes`` (a larger pair alone)."""
     ends = [0]
     bytes_in_batch = 0
     for pair in range(sizes.shape[0]):
         pair_bytes = 2 * itemsize * sizes[pair]
-        if bytes_in_batch > 0 and bytes_in_batch + pair_bytes > BATCH_BYTES:
+        if bytes_in_batch > 0 and bytes_in_batch + pair_bytes > batch_bytes:
             ends.append(pair)
             bytes_in_batch = 0
         bytes_in_batch += pair_bytes
@@ -292,33 +409,32 @@ def pair_batches(sizes, itemsize):
     return np.array(ends)
 
 
-def _many_pairs_kernel(parallel: bool):
-    """The kernel of :func:`scale_many`, serial or on all threads.
-
-    ``prange`` is ``range`` when ``parallel`` is off; Numba's cache keys a
-    function by its bytecode and closure, not by its compile options, so the
-    loop function is a closure variable to keep the two variants apart.
-    """
+def _many_pairs_kernel(update: int, parallel: bool):
+    """The kernel of :func:`scale_many` for update number ``update``, serial or threaded."""
     loop = prange if parallel else range
+    digest = _rule.SOURCE_DIGEST
+    arrays_per_pair = len(_rule.UPDATES[tuple(_rule.UPDATES)[update]].written)
 
-    @njit(parallel=parallel, **_OPTIONS)
-    def scale_many_flat(w_addresses, g_addresses, sizes, table, rates, like, tasks):
-        """Scale each pair of contiguous arrays at the addresses, of ``like``'s dtype.
+    @njit(parallel=parallel, **KERNEL_OPTIONS)
+    def many_rates(addresses, sizes, hyper, masks, rates, like, tasks, chunk, batch_bytes):
+        """Update each pair of contiguous arrays at ``addresses``, of ``like``'s dtype.
 
-        The pairs go in batches of about ``BATCH_BYTES``, each through both
-        passes, and every pair is cut into chunks. A pair of one chunk is
-        scaled as soon as its sums are known, while it is still in a core's
-        cache; the chunks of larger pairs are scaled after their partial sums
-        are added up, in chunk order, so that the result does not depend on
-        the thread count. Each pass cuts the batch's chunks into
-        ``tasks`` runs of about equal work, a run per thread: an even share of
-        the chunks would not do, as they range from a handful of elements to
-        ``CHUNK_SIZE``.
+        ``masks[pair]`` holds whether the pair gets weight decay and its trust
+        ratio; ``rates[pair]`` receives its rate. The pairs go in batches of
+        about ``batch_bytes``, each through both passes, and every pair is cut
+        into chunks. A pair of one chunk is updated as soon as its sums are
+        known, while it is still in a core's cache; the chunks of larger pairs
+        are updated after their sums are added up, in chunk order, so that
+        the result does not depend on the thread count. Each pass cuts the
+        batch's chunks into ``tasks`` runs of about equal work, a run per
+        thread: an even share of the chunks would not do, as they range from
+        a handful of elements to ``chunk``.
         """
+        assert digest
         pairs = sizes.shape[0]
         first_chunk = np.zeros(pairs + 1, np.int64)
         for pair in range(pairs):
-            first_chunk[pair + 1] = first_chunk[pair] + chunk_count(sizes[pair])
+            first_chunk[pair + 1] = first_chunk[pair] + max(1, -(-sizes[pair] // chunk))
         chunks = first_chunk[pairs]
         chunk_pair = np.empty(chunks, np.int64)
         # Element passes over memory in the first loop, then in the last.
@@ -326,264 +442,135 @@ def _many_pairs_kernel(parallel: bool):
         last_work = np.empty(chunks)
         for pair in range(pairs):
             whole = first_chunk[pair + 1] - first_chunk[pair] == 1
-            for chunk in range(first_chunk[pair], first_chunk[pair + 1]):
-                chunk_pair[chunk] = pair
-                elements = min(CHUNK_SIZE, sizes[pair] - (chunk - first_chunk[pair]) * CHUNK_SIZE)
-                first_work[chunk] = (3 if whole else 2) * (elements + 1)
-                last_work[chunk] = 0 if whole else 3 * elements
-        partial_sums = np.empty((chunks, 2))
+            for index in range(first_chunk[pair], first_chunk[pair + 1]):
+                chunk_pair[index] = pair
+                elements = min(chunk, sizes[pair] - (index - first_chunk[pair]) * chunk)
+                first_work[index] = (3 if whole else 2) * (elements + 1)
+                last_work[index] = 0 if whole else 3 * elements
+        partial = np.empty((chunks, len(ZERO_SUMS)))
 
-        batches = pair_batches(sizes, like.itemsize)
+        batches = pair_batches(sizes, like.itemsize, batch_bytes)
         for batch in range(batches.shape[0] - 1):
             top = first_chunk[batches[batch]]
             bottom = first_chunk[batches[batch + 1]]
 
             splits = top + balanced_splits(first_work[top:bottom], tasks)
             for task in loop(tasks):
-                for chunk in range(splits[task], splits[task + 1]):
-                    pair = chunk_pair[chunk]
-                    w_chunk, g_chunk = chunk_at(
-                        w_addresses, g_addresses, sizes, pair, chunk - first_chunk[pair], like
-                    )
-                    w_sq, g_sq = sum_squares_pair(w_chunk, g_chunk)
-                    if last_work[chunk] == 0:
-                        hyper = hyper_row(table, pair)
-                        rates[pair] = rate_from_sums(w_sq, g_sq, hyper)
-                        apply_rate_pair(w_chunk, g_chunk, rates[pair], weight_decay_of(hyper))
-                    partial_sums[chunk, 0] = w_sq
-                    partial_sums[chunk, 1] = g_sq
+                for index in range(splits[task], splits[task + 1]):
+                    pair = chunk_pair[index]
+                    start = (index - first_chunk[pair]) * chunk
+                    views = views_at(addresses, pair, sizes[pair], like, arrays_per_pair)
+                    part = chunk_of(views, start, start + chunk)
+                    sums = chunk_sums(part[0], part[1])
+                    if last_work[index] == 0:
+                        pair_hyper = masked(hyper, masks[pair, 0], masks[pair, 1])
+                        rates[pair] = rate_from_sums(sums, pair_hyper)
+                        update_chunk(part, rates[pair], pair_hyper, update)
+                    store_sums(partial, index, sums)
 
             for pair in range(batches[batch], batches[batch + 1]):
                 if first_chunk[pair + 1] - first_chunk[pair] > 1:
-                    w_sq = 0.0
-                    g_sq = 0.0
-                    for chunk in range(first_chunk[pair], first_chunk[pair + 1]):
-                        w_sq += partial_sums[chunk, 0]
-                        g_sq += partial_sums[chunk, 1]
-                    rates[pair] = rate_from_sums(w_sq, g_sq, hyper_row(table, pair))
+                    pair_hyper = masked(hyper, masks[pair, 0], masks[pair, 1])
+                    sums = total_in_order(partial, first_chunk[pair], first_chunk[pair + 1])
+                    rates[pair] = rate_from_sums(sums, pair_hyper)
 
             splits = top + balanced_splits(last_work[top:bottom], tasks)
             for task in loop(tasks):
-                for chunk in range(splits[task], splits[task + 1]):
-                    if last_work[chunk] > 0:
-                        pair = chunk_pair[chunk]
-                        w_chunk, g_chunk = chunk_at(
-                            w_addresses, g_addresses, sizes, pair, chunk - first_chunk[pair], like
+                for index in range(splits[task], splits[task + 1]):
+                    if last_work[index] > 0:
+                        pair = chunk_pair[index]
+                        start = (index - first_chunk[pair]) * chunk
+                        views = views_at(addresses, pair, sizes[pair], like, arrays_per_pair)
+                        pair_hyper = masked(hyper, masks[pair, 0], masks[pair, 1])
+                        update_chunk(
+                            chunk_of(views, start, start + chunk), rates[pair], pair_hyper, update
                         )
-                        weight_decay = weight_decay_of(hyper_row(table, pair))
-                        apply_rate_pair(w_chunk, g_chunk, rates[pair], weight_decay)
 
-    return scale_many_flat
+    return many_rates
 
 
-scale_many_flat = _many_pairs_kernel(parallel=False)
-scale_many_flat_parallel = _many_pairs_kernel(parallel=True)
+#: For each update, by name, and whether threaded: the kernels over one pair, with and
+#: without the update, and the kernel over many pairs.
+_KERNELS = {
+    name: {
+        parallel: (
+            _pair_kernels(number, parallel, apply=True),
+            _pair_kernels(number, parallel, apply=False),
+            _many_pairs_kernel(number, parallel),
+        )
+        for parallel in (False, True)
+    }
+    for number, name in enumerate(_rule.UPDATES)
+}
 
 
-@njit(**_OPTIONS)
-def memory_bounds(array):
-    """The byte range ``[low, high)`` that the elements of ``array`` lie in."""
-    low = array.ctypes.data
-    if array.size == 0:
-        return low, low
-    high = low + array.itemsize
-    for axis in range(array.ndim):
-        reach = array.strides[axis] * (array.shape[axis] - 1)
-        if reach < 0:
-            low += reach
-        else:
-            high += reach
-    return low, high
+# -- drivers --------------------------------------------------------------------
 
 
-#: The columns of :func:`pair_layout`'s rows.
-LAYOUT_COLUMNS = range(6)
-W_LOW, W_HIGH, G_LOW, G_HIGH, SIZE, CONTIGUOUS = LAYOUT_COLUMNS
+def _threaded(parallel: bool, size: int) -> bool:
+    """Whether a call over ``size`` elements takes the threaded kernels, which it then
+    holds until :func:`_release` (see ``_parallel_slot``)."""
+    return parallel and size >= tunables.PARALLEL_MIN_SIZE and _parallel_slot.acquire(False)
 
 
-@njit(**_OPTIONS)
-def pair_layout(w, g):
-    """What :func:`scale_many` needs of a pair, in one call: the byte ranges of
-    ``w`` and ``g``, their size, and whether they are contiguous in one order."""
-    w_low, w_high = memory_bounds(w)
-    g_low, g_high = memory_bounds(g)
-    contiguous = (w.flags.c_contiguous and g.flags.c_contiguous) or (
-        w.flags.f_contiguous and g.flags.f_contiguous
-    )
-    return w_low, w_high, g_low, g_high, w.size, int(contiguous)
+def pair_rate(arrays: tuple, hyper, apply: bool, parallel: bool, update: str = "scale") -> float:
+    """The rate of one validated pair (float16 as bit patterns) and, if ``apply``, its update.
 
-
-@njit(**_OPTIONS)
-def first_overlap(lows, highs, owners, written):
-    """The first two byte ranges ``[low, high)`` that overlap, of different owners,
-    at least one of them written; ``(-1, -1)`` if there are none.
-
-    Ranges that are written must not overlap anything else; ranges that are
-    only read may overlap each other. A sweep in order of ``low`` that keeps
-    the last written range (written ranges are disjoint until one is found
-    that is not) and the read ranges of two different owners that reach
-    furthest: O(n log n) for n ranges.
+    ``arrays`` starts with ``w`` and ``g``, of one shape and dtype.
     """
-    last_written = -1
-    furthest_read = -1  # the read range that reaches furthest
-    second_read = -1  # the one reaching furthest of another owner than furthest_read
-    for index in np.argsort(lows, kind="mergesort"):
-        if highs[index] <= lows[index]:
-            continue  # empty
-        low = lows[index]
-        owner = owners[index]
-        if last_written >= 0 and low < highs[last_written] and owners[last_written] != owner:
-            return last_written, index
-        if written[index]:
-            for read in (furthest_read, second_read):
-                if read >= 0 and low < highs[read] and owners[read] != owner:
-                    return read, index
-            last_written = index
-        elif furthest_read < 0 or highs[index] >= highs[furthest_read]:
-            if furthest_read >= 0 and owners[furthest_read] != owner:
-                second_read = furthest_read
-            furthest_read = index
-        elif owner != owners[furthest_read] and (
-            second_read < 0 or highs[index] > highs[second_read]
-        ):
-            second_read = index
-    return -1, -1
-
-
-# -- kernels over n-d arrays whose layouts do not flatten alike ----------------
-
-
-@njit(**_OPTIONS)
-def trust_ratio_nd(w, g, hyper):
-    """:func:`trust_ratio_flat` for n-d arrays of any strides."""
-    w_sq = 0.0
-    g_sq = 0.0
-    for wi, gi in np.nditer((w, g)):
-        w_value = load(wi.item())
-        g_value = load(gi.item())
-        w_sq += w_value * w_value
-        g_sq += g_value * g_value
-    return rate_from_sums(w_sq, g_sq, hyper)
-
-
-@njit(**_OPTIONS)
-def apply_rate_nd(w, g, rate, hyper):
-    """:func:`apply_rate_flat` for n-d arrays of any strides."""
-    weight_decay = weight_decay_of(hyper)
-    for wi, gi in np.nditer((w, g)):
-        gi[()] = encode(rate * (load(gi.item()) + weight_decay * load(wi.item())), gi)
-
-
-# -- drivers: pick the kernel for the arrays' size and layout ------------------
-
-
-def flat_views(w, g):
-    """1-d views of ``w`` and ``g`` that pair the same elements, or ``None``."""
-    if w.ndim == 1:
-        return w, g
-    if w.ndim == 0:
-        return w.reshape(-1), g.reshape(-1)
-    for order, flag in (("C", "C_CONTIGUOUS"), ("F", "F_CONTIGUOUS")):
-        if w.flags[flag] and g.flags[flag]:
-            return w.ravel(order), g.ravel(order)
-    return None
-
-
-_SERIAL = (trust_ratio_flat, apply_rate_flat)
-_PARALLEL = (trust_ratio_flat_parallel, apply_rate_flat_parallel)
-_ND = (trust_ratio_nd, apply_rate_nd)
-
-
-def _run(kernels, w, g, hyper, update):
-    trust_ratio_kernel, apply_rate_kernel = kernels
-    rate = trust_ratio_kernel(w, g, hyper)
-    if update:
-        apply_rate_kernel(w, g, rate, hyper)
-    return rate
-
-
-def _on_threads_where_it_pays(parallel: bool, size: int, threaded, serial, *arguments):
-    """``threaded(*arguments)`` if all threads pay for ``size`` elements and are free.
-
-    Otherwise ``serial(*arguments)``.
-    """
-    if parallel and size >= PARALLEL_MIN_SIZE and _parallel_slot.acquire(blocking=False):
+    kernels = _KERNELS[update]
+    variant = 1 - apply
+    flat = _layout.flat_views(arrays[0], arrays[1])
+    if flat is None:
+        return kernels[False][variant][1](arrays, hyper)
+    arrays = (*flat, *(a.reshape(-1) for a in arrays[2:]))
+    if _threaded(parallel, flat[0].shape[0]):
         try:
-            return threaded(*arguments)
+            return kernels[True][variant][0](arrays, hyper, tunables.CPU_CHUNK)
         finally:
             _parallel_slot.release()
-    return serial(*arguments)
-
-
-def _run_threaded(w, g, hyper, update):
-    return _run(_PARALLEL, w, g, hyper, update)
-
-
-def _run_serial(w, g, hyper, update):
-    # One compiled call for both passes: small arrays, the common case, pay
-    # for the calls more than for the loops.
-    return scale_flat(w, g, hyper) if update else trust_ratio_flat(w, g, hyper)
-
-
-def _pick_and_run(w, g, hyper, update, parallel):
-    flat = flat_views(w, g)
-    if flat is None:
-        return _run(_ND, w, g, hyper, update)
-    return _on_threads_where_it_pays(
-        parallel, flat[0].shape[0], _run_threaded, _run_serial, *flat, hyper, update
-    )
-
-
-def trust_ratio(w, g, hyper, parallel: bool = True) -> float:
-    """The rate for two validated arrays of one shape and dtype."""
-    return _pick_and_run(w, g, hyper, False, parallel)
-
-
-def scale(w, g, hyper, parallel: bool = True) -> float:
-    """Scale ``g`` in place for two validated arrays; returns the rate."""
-    return _pick_and_run(w, g, hyper, True, parallel)
-
-
-def _scale_many_threaded(*arguments):
-    return scale_many_flat_parallel(*arguments, get_num_threads())
-
-
-def _scale_many_serial(*arguments):
-    return scale_many_flat(*arguments, 1)
+    return kernels[False][variant][0](arrays, hyper, tunables.CPU_CHUNK)
 
 
 _EMPTY_OF_DTYPE = {np.dtype(t): np.empty(0, t) for t in (np.uint16, np.float32, np.float64)}
 
 
-def scale_many(ws, gs, layout, table, rates, parallel: bool = True) -> None:
+def scale_many(ws, gs, layout, hyper, masks, rates, parallel: bool = True) -> None:
     """Scale every ``gs[i]`` in place by its rate, written to ``rates[i]``.
 
     ``ws`` and ``gs`` are validated pairs (float16 as bit patterns) that
-    overlap no other pair, ``layout`` their rows of :func:`pair_layout` and
-    ``table`` their hyperparameters. The contiguous pairs of each dtype take
-    one call of :func:`scale_many_flat`; the rare strided ones go through
-    :func:`scale` one by one.
+    overlap no other pair, ``layout`` their rows of
+    :func:`lars_numba._layout.pair_layout` and ``masks[i]`` whether pair ``i``
+    gets weight decay and its trust ratio. The contiguous pairs of each dtype
+    take one call of the many-pairs kernel; the rare strided ones go through
+    :func:`pair_rate` one by one.
     """
-    contiguous = layout[:, CONTIGUOUS].astype(bool)
-    dtypes = np.array([w.dtype.num for w in ws])
-    for dtype_number in np.unique(dtypes):
-        members = np.flatnonzero(contiguous & (dtypes == dtype_number))
+    contiguous = layout[:, _layout.CONTIGUOUS].astype(bool)
+    for members in _layout.groups_by_dtype(w.dtype for w in ws):
+        members = np.array(members)
+        members = members[contiguous[members]]
         if members.size == 0:
             continue
-        sizes = layout[members, SIZE]
+        sizes = layout[members, _layout.SIZE]
         group_rates = np.empty(members.size)
-        arguments = (
-            layout[members, W_LOW],
-            layout[members, G_LOW],
-            sizes,
-            table[members],
-            group_rates,
-            _EMPTY_OF_DTYPE[ws[members[0]].dtype],
-        )
-        _on_threads_where_it_pays(
-            parallel, int(sizes.sum()), _scale_many_threaded, _scale_many_serial, *arguments
-        )
+        threaded = _threaded(parallel, int(sizes.sum()))
+        kernel = _KERNELS["scale"][threaded][2]
+        try:
+            kernel(
+                layout[members][:, [_layout.W_LOW, _layout.G_LOW]],
+                sizes,
+                hyper,
+                masks[members],
+                group_rates,
+                _EMPTY_OF_DTYPE[ws[members[0]].dtype],
+                get_num_threads() if threaded else 1,
+                tunables.CPU_CHUNK,
+                tunables.CPU_BATCH_BYTES,
+            )
+        finally:
+            if threaded:
+                _parallel_slot.release()
         rates[members] = group_rates
-    strided = np.flatnonzero(~contiguous)
-    for i in strided:
-        rates[i] = scale(ws[i], gs[i], tuple(table[i]), parallel)
+    for i in np.flatnonzero(~contiguous):
+        decays, adapts = masks[i]
+        rates[i] = pair_rate((ws[i], gs[i]), _rule.masked(hyper, decays, adapts), True, parallel)

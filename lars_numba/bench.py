@@ -30,7 +30,7 @@ from numba import njit, prange
 
 import lars_numba
 
-from . import _api, _cpu
+from . import tunables
 
 SIZES = (64, 1_000, 10_000, 100_000, 1_000_000, 10_000_000, 50_000_000)
 WEIGHT_DECAY = 1e-4
@@ -172,7 +172,7 @@ def scale_rows(sizes, rounds: int) -> list[dict[str, float]]:
     rows = []
     for size in sizes:
         w, g = random_pair(size)
-        threads = size >= _cpu.PARALLEL_MIN_SIZE
+        threads = size >= tunables.PARALLEL_MIN_SIZE
         candidates = {**scale_candidates(w, g), **stream_candidates(threads)}
         times = interleaved(candidates, rounds if size < 10_000_000 else 3)
         bandwidth = pop_bandwidth(times)
@@ -240,20 +240,29 @@ def _format_table(rows: list[dict[str, float]]) -> str:
 
 
 def cutoff_rows(sizes, rounds: int) -> list[tuple[int, float, float]]:
-    """Seconds per call of the serial and the parallel ``scale`` kernel at each size."""
-    hyper = _api.hyperparameters(1e-2, WEIGHT_DECAY, 1e-9)
+    """Seconds per call of the serial and the parallel ``scale`` kernel at each size.
+
+    The cut-off is lowered to 0 meanwhile, so that ``parallel=True`` runs the
+    parallel kernel at every size.
+    """
     rows = []
-    for size in sizes:
-        w, g = random_pair(size)
-        kernels = {"serial": _cpu._SERIAL, "parallel": _cpu._PARALLEL}
-        times = interleaved(
-            {
-                name: functools.partial(_cpu._run, pair, w, g, hyper, True)
-                for name, pair in kernels.items()
-            },
-            rounds,
-        )
-        rows.append((size, times["serial"], times["parallel"]))
+    cutoff = tunables.PARALLEL_MIN_SIZE
+    tunables.PARALLEL_MIN_SIZE = 0
+    try:
+        for size in sizes:
+            w, g = random_pair(size)
+            times = interleaved(
+                {
+                    name: functools.partial(
+                        lars_numba.scale, w, g, weight_decay=WEIGHT_DECAY, parallel=parallel
+                    )
+                    for name, parallel in (("serial", False), ("parallel", True))
+                },
+                rounds,
+            )
+            rows.append((size, times["serial"], times["parallel"]))
+    finally:
+        tunables.PARALLEL_MIN_SIZE = cutoff
     return rows
 
 
@@ -469,13 +478,14 @@ def main(argv: list[str] | None = None) -> None:
         f"NumPy's BLAS on {blas}"
     )
     if args.cutoff:
+        cutoff = tunables.PARALLEL_MIN_SIZE
         print(f"{'N':>10} {'serial us':>10} {'parallel us':>12} {'serial/parallel':>16}")
         for size, serial, parallel in cutoff_rows(args.sizes, args.rounds):
             print(
                 f"{size:>10} {serial * 1e6:>10.2f} {parallel * 1e6:>12.2f}"
                 f" {serial / parallel:>16.2f}"
             )
-        print(f"current cut-off: PARALLEL_MIN_SIZE = {_cpu.PARALLEL_MIN_SIZE}")
+        print(f"current cut-off: tunables.PARALLEL_MIN_SIZE = {cutoff}")
         return
 
     with tempfile.TemporaryDirectory() as cache_dir:

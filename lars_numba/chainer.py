@@ -6,7 +6,6 @@ This is the only module of the package that imports chainer.
 from __future__ import annotations
 
 import fnmatch
-import math
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -14,7 +13,7 @@ import chainer
 import chainer.optimizer_hooks
 import numpy as np
 
-from . import _api
+from . import _api, _rule
 
 __all__ = ["FallbackWarning", "FusedGradientLARS", "GradientLARS"]
 
@@ -45,33 +44,33 @@ class _Hyperparameters:
 
     def _fall_back(
         self,
-        rule: chainer.UpdateRule | None,
         param: chainer.Parameter,
         *,
         decays: bool = True,
         adapts: bool = True,
     ) -> None:
-        """Chainer's own hook, which computes through ``param.device.xp``.
+        """The rule of :mod:`lars_numba._rule` through ``param``'s own array arithmetic.
 
         ``decays`` and ``adapts`` say whether ``param`` gets weight decay and
-        its trust ratio; an infinite threshold gives Chainer's hook rate 1.
+        its trust ratio. The sums and the update are computed in float64, as
+        the kernels compute them, through float64 copies of the arrays.
         """
         if not self._warned:
             self._warned = True
             warnings.warn(
                 f"lars_numba's kernels do not take parameter {param.name!r}, a "
                 f"{type(param.array).__name__} with a {type(param.grad).__name__} gradient; "
-                f"{type(self).__name__} uses Chainer's slower arithmetic for such parameters",
+                f"{type(self).__name__} computes the rule with the arrays' own, slower "
+                "arithmetic for such parameters",
                 FallbackWarning,
                 stacklevel=3,
             )
-        # Both paths refuse the same hyperparameters, which Chainer's hook does not check.
-        self._hyper()
-        chainer.optimizer_hooks.GradientLARS(
-            self.threshold if adapts else math.inf,
-            self.weight_decay if decays else 0.0,
-            self.eps,
-        )(rule, param)
+        hyper = _rule.masked(self._hyper(), decays, adapts)
+        g = param.grad
+        w64, g64 = (array.astype(np.float64) for array in (param.array, g))
+        sums = tuple(float(term.sum()) for term in _rule.norm_terms(w64, g64))
+        _, scaled = _rule.scaled_gradient(_rule.rate_from_sums(sums, hyper), hyper, w64, g64)
+        g[...] = scaled
 
 
 class GradientLARS(_Hyperparameters):
@@ -102,8 +101,9 @@ class GradientLARS(_Hyperparameters):
 
     Arrays the kernels take (NumPy arrays, CUDA arrays such as CuPy's) are
     scaled by :func:`lars_numba.scale`'s kernels. Any other array (ChainerX,
-    iDeep) is handed to Chainer's own hook, so training goes on, and the first
-    such parameter raises a :class:`FallbackWarning` once per hook.
+    iDeep) gets the same rule through its own array arithmetic, in float64
+    copies, so training goes on, and the first such parameter raises a
+    :class:`FallbackWarning` once per hook.
 
     Parameters
     ----------
@@ -172,7 +172,7 @@ class GradientLARS(_Hyperparameters):
         if w is None or g is None:
             return
         if not (_api.accepts(w) and _api.accepts(g)):
-            self._fall_back(rule, param)
+            self._fall_back(param)
             return
         hyper = self._hyper()
         if isinstance(w, np.ndarray):
@@ -218,7 +218,7 @@ class FusedGradientLARS(_Hyperparameters):
         ``'lars' + path``, such as ``'lars/conv1/W'``, so that
         :class:`~chainer.training.extensions.LogReport` and
         :class:`~chainer.training.extensions.PlotReport` can log and plot
-        them. Parameters that take Chainer's fallback arithmetic are not
+        them. Parameters that take the fallback arithmetic are not
         reported. Off by default, and then it costs nothing.
     parallel : bool, optional
         As for :class:`GradientLARS`.
@@ -311,7 +311,7 @@ class FusedGradientLARS(_Hyperparameters):
             elif _api.accepts(w) and _api.accepts(g):
                 device = param.device.name
             else:
-                self._fall_back(None, param, decays=rule[0], adapts=rule[1])
+                self._fall_back(param, decays=rule[0], adapts=rule[1])
                 continue
             group = groups.get(device)
             if group is None:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import lars_numba
-from lars_numba import _cpu
+from lars_numba import _cpu, tunables
 
 DTYPES = [np.float16, np.float32, np.float64]
 
@@ -84,7 +84,7 @@ def test_scale_and_trust_ratio_match_the_oracle_on_any_layout(pair, hyper, oracl
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("size", [1, 31, 1000, 2 * _cpu.PARALLEL_MIN_SIZE + 7])
+@pytest.mark.parametrize("size", [1, 31, 1000, 2 * tunables.PARALLEL_MIN_SIZE + 7])
 def test_contiguous_sizes_match_the_oracle(dtype, size, oracle):
     rng = np.random.default_rng(size)
     w = rng.standard_normal(size).astype(dtype)
@@ -150,34 +150,36 @@ def test_partially_overlapping_w_and_g_read_w_before_it_is_scaled(shift, oracle)
     assert_matches_oracle(lars_numba.scale(w, g, weight_decay=0.1), expected, w.dtype)
 
 
-def test_parallel_kernels_match_the_oracle_and_the_serial_ones(oracle):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_parallel_kernels_match_the_oracle_and_the_serial_ones_bit_for_bit(dtype, oracle):
     rng = np.random.default_rng(0)
-    size = 2 * _cpu.PARALLEL_MIN_SIZE + 3
-    w = rng.standard_normal(size).astype(np.float32)
-    g = rng.standard_normal(size).astype(np.float32)
-    hyper = lars_numba._api.hyperparameters(1e-2, 1e-4, 1e-9)
+    size = 2 * tunables.PARALLEL_MIN_SIZE + 3
+    w = rng.standard_normal(size).astype(dtype)
+    g = rng.standard_normal(size).astype(dtype)
     rate, expected = oracle(w, g, weight_decay=1e-4)
     serial, parallel = g.copy(), g.copy()
-    for (trust_ratio, apply_rate), result in [(_cpu._SERIAL, serial), (_cpu._PARALLEL, parallel)]:
-        assert trust_ratio(w, result, hyper) == pytest.approx(rate, rel=1e-12)
-        apply_rate(w, result, rate, hyper)
-    assert_matches_oracle(parallel, expected, np.float32)
-    np.testing.assert_allclose(parallel, serial, rtol=2e-7)
+    rates = set()
+    for result, threads in [(serial, False), (parallel, True)]:
+        rates.add(lars_numba.trust_ratio(w, result, weight_decay=1e-4, parallel=threads))
+        lars_numba.scale(w, result, weight_decay=1e-4, parallel=threads)
+    assert len(rates) == 1
+    assert rates.pop() == pytest.approx(rate, rel=1e-12)
+    assert_matches_oracle(parallel, expected, dtype)
+    np.testing.assert_array_equal(parallel, serial)
 
 
 CONCURRENT_CALLS = """
 import threading
 import numpy as np
 import lars_numba
-from lars_numba import _api, _cpu
+from lars_numba import tunables
 
 rng = np.random.default_rng(1)
-size = 4 * _cpu.PARALLEL_MIN_SIZE
+size = 4 * tunables.PARALLEL_MIN_SIZE
 cases = [rng.standard_normal((2, size)).astype(np.float32) for _ in range(4)]
 expected = [g.copy() for _, g in cases]
-hyper = _api.hyperparameters(1e-2, 1e-4, 1e-9)
 for (w, _), want in zip(cases, expected):
-    _cpu.apply_rate_flat(w, want, _cpu.trust_ratio_flat(w, want, hyper), hyper)
+    lars_numba.scale(w, want, weight_decay=1e-4, parallel=False)
 barrier = threading.Barrier(len(cases))
 
 def work(w, g):
@@ -192,7 +194,7 @@ for thread in threads:
 for thread in threads:
     thread.join()
 for (_, g), want in zip(cases, expected):
-    np.testing.assert_allclose(g, want, rtol=2e-7)
+    np.testing.assert_array_equal(g, want)
 import numba
 print("threading layer:", numba.threading_layer())
 """
@@ -319,8 +321,8 @@ def test_parallel_false_keeps_large_arrays_on_the_serial_kernels(monkeypatch, or
     def refuse(*args):
         raise AssertionError("the parallel kernels ran")
 
-    monkeypatch.setattr(_cpu, "_PARALLEL", (refuse, refuse))
-    w = np.linspace(-1, 1, 2 * _cpu.PARALLEL_MIN_SIZE)
+    monkeypatch.setitem(_cpu._KERNELS["scale"], True, ((refuse, refuse),) * 2 + (refuse,))
+    w = np.linspace(-1, 1, 2 * tunables.PARALLEL_MIN_SIZE)
     g = w[::-1].copy()
     _, expected = oracle(w, g, weight_decay=1e-4)
     lars_numba.trust_ratio(w, g, weight_decay=1e-4, parallel=False)

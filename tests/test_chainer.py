@@ -5,6 +5,7 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import assert_matches_oracle
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -317,7 +318,7 @@ def masked(array):
 
 
 @pytest.mark.parametrize("which", ["both", "grad"])
-def test_other_arrays_fall_back_to_chainers_arithmetic_with_one_warning(which):
+def test_other_arrays_fall_back_to_the_rule_in_their_arithmetic_with_one_warning(which, oracle):
     hook = GradientLARS(weight_decay=0.1)
     results = []
     with pytest.warns(FallbackWarning, match="MaskedArray gradient") as record:
@@ -327,10 +328,13 @@ def test_other_arrays_fall_back_to_chainers_arithmetic_with_one_warning(which):
             hook(None, param)
             reference = parameter(w.copy(), g.copy())
             ChainerLARS(weight_decay=0.1)(None, reference)
-            results.append((np.asarray(param.grad), reference.grad, g))
+            results.append((np.asarray(param.grad), reference.grad, w, g))
     assert len(record) == 1
-    for ours, theirs, g in results:
-        np.testing.assert_array_equal(ours, theirs)
+    for ours, theirs, w, g in results:
+        # The fallback computes the rule in float64 as the kernels do: the
+        # oracle's result, and Chainer's to its float32 rounding.
+        assert_matches_oracle(ours, oracle(w, g, weight_decay=0.1)[1], np.float32)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6)
         assert not np.allclose(ours, g)
 
 

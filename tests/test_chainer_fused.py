@@ -213,7 +213,9 @@ def test_other_arrays_fall_back_with_one_warning_and_keep_their_exclusions():
     model.p2.grad = masked(model.p2.grad)
     theirs = copy.deepcopy(model)
     hook = FusedGradientLARS(weight_decay=0.1, exclude_from_weight_decay="/p2")
-    with pytest.warns(FallbackWarning, match="FusedGradientLARS uses Chainer's") as record:
+    with pytest.warns(
+        FallbackWarning, match="FusedGradientLARS computes the rule with the arrays' own"
+    ) as record:
         hook(chainer.optimizers.SGD().setup(model))
         hook_again = copy.deepcopy(model)  # the warning is given once per hook
         hook(chainer.optimizers.SGD().setup(hook_again))

@@ -18,7 +18,7 @@ from numba import cuda
 from numba.cuda.core import config
 
 import lars_numba
-from lars_numba import _api, _cuda
+from lars_numba import _api, _cuda, tunables
 from lars_numba._shapes import RESNET50_SHAPES
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
@@ -31,9 +31,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:Grid size .* under-utilization")
 
 
 def set_grid(monkeypatch, threads, min_blocks, max_blocks):
-    monkeypatch.setattr(_cuda, "THREADS_PER_BLOCK", threads)
-    monkeypatch.setattr(_cuda, "MIN_BLOCKS", min_blocks)
-    monkeypatch.setattr(_cuda, "MAX_BLOCKS", max_blocks)
+    monkeypatch.setattr(tunables, "THREADS_PER_BLOCK", threads)
+    monkeypatch.setattr(tunables, "MIN_BLOCKS", min_blocks)
+    monkeypatch.setattr(tunables, "MAX_BLOCKS", max_blocks)
 
 
 @pytest.fixture(autouse=True)
@@ -401,7 +401,7 @@ TABLE_ROW = (HYPER["threshold"], HYPER["weight_decay"], HYPER["eps"])
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of 32 elements, so that a few hundred make many chunks and blocks."""
-    monkeypatch.setattr(_cuda, "CHUNK_SIZE", 32)
+    monkeypatch.setattr(tunables, "GPU_CHUNK", 32)
 
 
 def make_pairs(specs, seed=0):
@@ -419,22 +419,21 @@ def make_pairs(specs, seed=0):
 def run_scale_all(
     oracle,
     pairs,
-    table=None,
     *,
     with_rates=True,
-    handle=0,
+    handle=None,
     weight_decay_mask=None,
     trust_ratio_mask=None,
 ):
     """``lars_numba.scale_all`` on the pairs' device views, checked against the oracle.
 
-    Given a table of hyperparameters, ``_cuda.scale_all`` is called with it
-    and the stream ``handle`` instead. Returns the rates, if asked for.
+    Given a stream ``handle``, ``_cuda.scale_all`` is called on it instead.
+    Returns the rates, if asked for.
     """
     d_ws = [w_view(d_w) for _, w_view, _, _, d_w, _ in pairs]
     d_gs = [g_view(d_g) for _, _, _, g_view, _, d_g in pairs]
     rates = cuda.to_device(np.full(len(pairs), -1.0)) if with_rates else None
-    if table is None:
+    if handle is None:
         lars_numba.scale_all(
             d_ws,
             d_gs,
@@ -443,9 +442,10 @@ def run_scale_all(
             trust_ratio_mask=trust_ratio_mask,
             **HYPER,
         )
-        table = masked_table(len(pairs), weight_decay_mask, trust_ratio_mask)
     else:
-        _cuda.scale_all(d_ws, d_gs, table, rates, handle)
+        masks = _api.pair_masks(len(pairs), weight_decay_mask, trust_ratio_mask)
+        _cuda.scale_all(d_ws, d_gs, TABLE_ROW, masks, rates, handle)
+    table = masked_table(len(pairs), weight_decay_mask, trust_ratio_mask)
 
     expected_rates = []
     for (w_parent, w_view, g_parent, g_view, d_w, d_g), row in zip(pairs, table, strict=True):
@@ -504,8 +504,8 @@ def test_scale_all_takes_strided_pairs_one_by_one(with_rates, small_chunks, laun
     ]
     run_scale_all(oracle, make_pairs(specs, seed=20), with_rates=with_rates)
     # One group for the two float32 pairs; two launches for each other pair,
-    # and one to store its rate.
-    assert launches() == 2 + 4 * (3 if with_rates else 2)
+    # which store its rate too.
+    assert launches() == 2 + 4 * 2
 
 
 def test_scale_all_gives_zero_size_pairs_rate_one(small_chunks, oracle):
@@ -533,22 +533,19 @@ def test_scale_all_with_only_zero_size_pairs_writes_rates_of_one():
     np.testing.assert_array_equal(rates.copy_to_host(), [1, 1, 1])
 
 
-def test_the_table_gives_each_pair_its_own_hyperparameters(small_chunks, oracle):
+def test_the_masks_give_each_pair_its_own_hyperparameters(small_chunks, oracle):
     # An infinite threshold keeps rate 1 (outside the trust-ratio mask) and a
     # weight decay of 0 adds none (outside the weight-decay mask), on both paths.
     specs = [
         (np.float32, layout, layout) for layout in ("1-d", "C", "strided", "1-d", "3-d strided")
     ]
-    table = np.array(
-        [
-            [np.inf, 0.1, 1e-9],
-            [1e-2, 0.0, 1e-9],
-            [np.inf, 0.0, 1e-9],
-            [0.5, 1e-3, 1e-3],
-            [1e-2, 0.2, 0.0],
-        ]
+    rates = run_scale_all(
+        oracle,
+        make_pairs(specs, seed=40),
+        handle=0,
+        weight_decay_mask=[True, False, False, True, True],
+        trust_ratio_mask=[False, True, False, True, True],
     )
-    rates = run_scale_all(oracle, make_pairs(specs, seed=40), table)
     assert rates[0] == 1.0 and rates[2] == 1.0
     assert rates[1] != 1.0 and rates[3] != 1.0
 
@@ -589,7 +586,7 @@ def flat_pairs(sizes, dtypes, seed):
 def test_scale_all_handles_many_small_arrays(monkeypatch, oracle):
     # 40 pairs of 1 to 100 elements in three dtypes, two float32 groups at the
     # shipped tuple width, and pairs that span several chunks.
-    monkeypatch.setattr(_cuda, "CHUNK_SIZE", 32)
+    monkeypatch.setattr(tunables, "GPU_CHUNK", 32)
     sizes = np.random.default_rng(50).integers(1, 100, size=40)
     dtypes = [
         DTYPES[0] if i % 7 == 0 else DTYPES[2] if i % 5 == 0 else DTYPES[1] for i in range(40)
@@ -608,22 +605,14 @@ class LaunchCounter:
         return self.kernel[configuration]
 
 
-KERNELS = (
-    "sum_squares_pair",
-    "apply_rate",
-    "store_rate",
-    "sum_squares_chunks",
-    "apply_rate_chunks",
-)
-
-
 @pytest.fixture
 def launches(monkeypatch):
     """The number of kernel launches so far, all of ``_cuda``'s kernels counted."""
-    counters = []
-    for name in KERNELS:
-        counters.append(LaunchCounter(getattr(_cuda, name)))
-        monkeypatch.setattr(_cuda, name, counters[-1])
+    counters = [LaunchCounter(_cuda.sums_of_chunks)]
+    monkeypatch.setattr(_cuda, "sums_of_chunks", counters[0])
+    for name, kernel in _cuda.UPDATE_KERNELS.items():
+        counters.append(LaunchCounter(kernel))
+        monkeypatch.setitem(_cuda.UPDATE_KERNELS, name, counters[-1])
     return lambda: sum(counter.launches for counter in counters)
 
 
@@ -631,8 +620,8 @@ def launches(monkeypatch):
 def test_more_pairs_than_the_tuple_width_take_more_groups(width, launches, monkeypatch, oracle):
     # The simulator's barriers cost time per thread: few threads, few elements.
     set_grid(monkeypatch, threads=2, min_blocks=1, max_blocks=2)
-    monkeypatch.setattr(_cuda, "TUPLE_WIDTH", width)
-    monkeypatch.setattr(_cuda, "CHUNK_SIZE", 4)
+    monkeypatch.setattr(tunables, "TUPLE_WIDTH", width)
+    monkeypatch.setattr(tunables, "GPU_CHUNK", 4)
     sizes = [1, 5, 9, 2, 4, 3, 8, 1, 6, 7, 3, 0, 5, 2]
     dtypes = [np.float32] * 10 + [np.float64] * 4
     run_scale_all(oracle, flat_pairs(sizes, dtypes, seed=60))
@@ -645,23 +634,23 @@ def test_resnet50_takes_at_most_16_launches(launches, monkeypatch):
     set_grid(monkeypatch, threads=2, min_blocks=1, max_blocks=2)
     arrays = [cuda.to_device(np.ones(2, np.float32)) for _ in RESNET50_SHAPES]
     lars_numba.scale_all(arrays, arrays)
-    assert launches() == 2 * math.ceil(161 / _cuda.TUPLE_WIDTH)
+    assert launches() == 2 * math.ceil(161 / tunables.TUPLE_WIDTH)
     assert launches() <= 16
 
 
 def test_resnet50_plan_cuts_every_array_into_chunks():
     # The shipped chunk size on ResNet-50's real sizes, without running a kernel.
-    layout = [(np.dtype(np.float32), math.prod(shape)) for shape in RESNET50_SHAPES]
-    plan = _cuda._make_plan(layout, uniform_table(len(layout)), 0)
-    assert len(plan.groups) == math.ceil(161 / _cuda.TUPLE_WIDTH)
+    layout = [(np.dtype(np.float32), math.prod(shape), True) for shape in RESNET50_SHAPES]
+    plan = _cuda._make_plan(layout, np.ones((len(layout), 2), np.uint8), 0)
+    assert len(plan.groups) == math.ceil(161 / tunables.TUPLE_WIDTH)
     chunks = np.concatenate([group.chunks.copy_to_host() for group in plan.groups])
-    sizes = np.array([size for _, size in layout])
+    sizes = np.array([size for _, size, _ in layout])
     assert sorted({pair for group in plan.groups for pair in group.pairs}) == list(range(161))
-    assert chunks.shape[0] == np.sum(np.maximum(1, -(-sizes // _cuda.CHUNK_SIZE)))
+    assert chunks.shape[0] == np.sum(np.maximum(1, -(-sizes // tunables.GPU_CHUNK)))
     covered = np.zeros(161, np.int64)
     np.add.at(covered, chunks[:, 5], chunks[:, 2] - chunks[:, 1])
     np.testing.assert_array_equal(covered, sizes)
-    assert np.all(chunks[:, 2] - chunks[:, 1] <= _cuda.CHUNK_SIZE)
+    assert np.all(chunks[:, 2] - chunks[:, 1] <= tunables.GPU_CHUNK)
 
 
 @pytest.mark.parametrize(
@@ -677,7 +666,7 @@ def test_scale_all_grid_sizes_do_not_change_the_result(
     threads, min_blocks, max_blocks, chunk, monkeypatch, oracle
 ):
     set_grid(monkeypatch, threads, min_blocks, max_blocks)
-    monkeypatch.setattr(_cuda, "CHUNK_SIZE", chunk)
+    monkeypatch.setattr(tunables, "GPU_CHUNK", chunk)
     sizes, dtypes = [70, 37, 1], [np.float64, np.float32, np.float64]
     run_scale_all(oracle, flat_pairs(sizes, dtypes, seed=70))
 
@@ -727,24 +716,27 @@ def test_scale_all_reuses_its_tables_and_neither_allocates_nor_waits(
     for w, g, d_g in zip(ws, gs, d_gs, strict=True):
         assert_matches_oracle(d_g.copy_to_host(), oracle(w, g, **HYPER)[1], g.dtype)
 
-    lars_numba.scale_all(d_ws, d_gs, rates=rates, weight_decay=0.5)  # a new plan
+    # A new weight decay reuses the plan; new masks make another.
+    lars_numba.scale_all(d_ws, d_gs, rates=rates, weight_decay=0.5)
+    assert len(_cuda._plans) == 1
+    lars_numba.scale_all(d_ws, d_gs, rates=rates, weight_decay_mask=[True, False])
     assert len(_cuda._plans) == 2
     assert scratch_handles() == [0]
 
 
 def test_the_plan_cache_keeps_the_most_recent_plans(monkeypatch):
     monkeypatch.setattr(_cuda, "_plans", _cuda.OrderedDict())
-    arrays = [cuda.to_device(np.ones(n, np.float32)) for n in range(1, _cuda.PLANS_KEPT + 3)]
+    arrays = [cuda.to_device(np.ones(n, np.float32)) for n in range(1, tunables.PLANS_KEPT + 3)]
     for array in arrays:
-        _cuda.scale_all([array], [array], uniform_table(1), None, 0)
-    assert len(_cuda._plans) == _cuda.PLANS_KEPT
-    assert [key[4][0][1] for key in _cuda._plans] == list(range(3, _cuda.PLANS_KEPT + 3))
+        _cuda.scale_all([array], [array], TABLE_ROW, np.ones((1, 2), np.uint8), None, 0)
+    assert len(_cuda._plans) == tunables.PLANS_KEPT
+    assert [key[4][0][1] for key in _cuda._plans] == list(range(3, tunables.PLANS_KEPT + 3))
 
 
 def test_scale_all_runs_on_the_stream_it_is_given(caller_stream, scratch_handles, oracle):
     stream, handle = caller_stream
     specs = [(np.float32, "1-d", "1-d"), (np.float32, "strided", "strided")]
-    run_scale_all(oracle, make_pairs(specs, seed=90), uniform_table(2), handle=handle)
+    run_scale_all(oracle, make_pairs(specs, seed=90), handle=handle)
     stream.synchronize()
     assert scratch_handles() == [handle]
 
@@ -754,7 +746,7 @@ def test_scale_all_takes_the_stream_of_the_arrays_as_given(foreign, monkeypatch)
     monkeypatch.delitem(sys.modules, "cupy", raising=False)
     monkeypatch.setattr(_cuda, "scale", lambda w, g, hyper, handle: seen.append(handle))
     monkeypatch.setattr(
-        _cuda, "scale_all", lambda ws, gs, table, rates, handle: seen.append(handle)
+        _cuda, "scale_all", lambda ws, gs, hyper, masks, rates, handle: seen.append(handle)
     )
     d_w, d_g = (cuda.to_device(np.ones(4, np.float32)) for _ in "wg")
     lars_numba.scale(foreign(d_w), foreign(d_g, stream=7))

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from test_api import DTYPES, hyperparameters, laid_pairs, run_on_layer
 
 import lars_numba
-from lars_numba import _cpu
+from lars_numba import _cpu, tunables
 
 
 def masked_hyper(hyper, decays, adapts):
@@ -63,9 +63,9 @@ def test_large_pairs_and_batches_give_the_same_bits_on_any_thread_count(parallel
     rng = np.random.default_rng(3)
     # Pairs of many chunks, of one, and (float32: 8 bytes per element of a
     # pair) one pair of a batch of its own between two batches of several.
-    sizes = [3 * _cpu.CHUNK_SIZE + 11, 5, _cpu.CHUNK_SIZE, 2 * _cpu.PARALLEL_MIN_SIZE]
-    sizes += [_cpu.BATCH_BYTES // 8 + 5, 7, 2 * _cpu.CHUNK_SIZE]
-    assert len(_cpu.pair_batches(np.array(sizes), 4)) - 1 == 3
+    sizes = [3 * tunables.CPU_CHUNK + 11, 5, tunables.CPU_CHUNK, 2 * tunables.PARALLEL_MIN_SIZE]
+    sizes += [tunables.CPU_BATCH_BYTES // 8 + 5, 7, 2 * tunables.CPU_CHUNK]
+    assert len(_cpu.pair_batches(np.array(sizes), 4, tunables.CPU_BATCH_BYTES)) - 1 == 3
     ws = [rng.standard_normal(size).astype(np.float32) for size in sizes]
     gs = [rng.standard_normal(size).astype(np.float32) * 1e-2 for size in sizes]
     serial = [g.copy() for g in gs]
@@ -85,8 +85,9 @@ def test_parallel_false_keeps_to_the_serial_kernel(monkeypatch, oracle):
     def refuse(*args):
         raise AssertionError("the parallel kernel ran")
 
-    monkeypatch.setattr(_cpu, "scale_many_flat_parallel", refuse)
-    w = np.linspace(-1, 1, 2 * _cpu.PARALLEL_MIN_SIZE)
+    kernels = _cpu._KERNELS["scale"]
+    monkeypatch.setitem(kernels, True, (*kernels[True][:2], refuse))
+    w = np.linspace(-1, 1, 2 * tunables.PARALLEL_MIN_SIZE)
     g = w[::-1].copy()
     _, expected = oracle(w, g, weight_decay=1e-4)
     lars_numba.scale_all([w], [g], weight_decay=1e-4, parallel=False)
@@ -268,10 +269,10 @@ CONCURRENT_CALLS = """
 import threading
 import numpy as np
 import lars_numba
-from lars_numba import _cpu
+from lars_numba import _cpu, tunables
 
 rng = np.random.default_rng(1)
-sizes = [3 * _cpu.PARALLEL_MIN_SIZE, 100, 2 * _cpu.CHUNK_SIZE]
+sizes = [3 * tunables.PARALLEL_MIN_SIZE, 100, 2 * tunables.CPU_CHUNK]
 models = [[rng.standard_normal((2, size)).astype(np.float32) for size in sizes] for _ in range(4)]
 expected = [[g.copy() for _, g in model] for model in models]
 for model, want in zip(models, expected):
@@ -290,7 +291,7 @@ for thread in threads:
     thread.join()
 for model, want in zip(models, expected):
     for (_, g), g_want in zip(model, want):
-        np.testing.assert_allclose(g, g_want, rtol=2e-7)
+        np.testing.assert_array_equal(g, g_want)
 """
 
 

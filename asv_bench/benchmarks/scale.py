@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 
-from lars_numba import _cpu
-
 from ._support import (
     WEIGHT_DECAY,
     SkipNotImplemented,
@@ -17,6 +15,8 @@ from ._support import (
 )
 
 bench = optional("lars_numba.bench")
+# Where the parallel cut-off lives: lars_numba.tunables, or _cpu in older commits.
+tunables = optional("lars_numba.tunables") or optional("lars_numba._cpu")
 
 # float16 is arithmetic in software, NumPy's and lars_numba's codec alike: about
 # 3.5 s a call at 5e7 elements here, too long for the peers and the repeated
@@ -71,7 +71,7 @@ class ScaleOneParameter:
         """
         if size < 10_000:
             raise SkipNotImplemented("the call, not memory, sets the time at this size")
-        floor = 5 * self.w.nbytes / bandwidth(size >= _cpu.PARALLEL_MIN_SIZE)
+        floor = 5 * self.w.nbytes / bandwidth(size >= tunables.PARALLEL_MIN_SIZE)
         return _interleaved({"lars_numba": self.lars_numba})["lars_numba"] / floor
 
     track_time_over_bandwidth_floor.unit = "times the floor"

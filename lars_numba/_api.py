@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _cpu, _layout
+from ._layout import kernel_view
 from ._rule import HYPERPARAMETERS, Hyperparameters, hyperparameters
 
 __all__ = ["HYPERPARAMETERS", "Hyperparameters", "hyperparameters"]
@@ -83,11 +84,6 @@ def on_gpu(array: object) -> bool:
     return bool(getattr(array, "__cuda_ndarray__", False)) or hasattr(
         array, "__cuda_array_interface__"
     )
-
-
-def kernel_view(array: np.ndarray) -> np.ndarray:
-    """``array`` as the kernels take it: float16 as its uint16 bit patterns."""
-    return array.view(np.uint16) if array.dtype == np.float16 else array
 
 
 def _device_pair(w, g, *, writes_g: bool):
@@ -275,19 +271,16 @@ def _check_rates(rates: object, pairs: int) -> None:
 
 def _scale_all_cpu(ws: list, gs: list, hyper, masks: np.ndarray, rates, parallel: bool) -> None:
     pairs = len(ws)
-    for i, (w, g) in enumerate(zip(ws, gs, strict=True)):
-        if not plain_pair(w, g):
-            check_pair(w, g, writes_g=True, names=(f"ws[{i}]", f"gs[{i}]"))
+    layout = _layout.plain_layouts(ws, gs)
+    if layout is None:
+        for i, (w, g) in enumerate(zip(ws, gs, strict=True)):
+            if not plain_pair(w, g):
+                check_pair(w, g, writes_g=True, names=(f"ws[{i}]", f"gs[{i}]"))
+        layout = _layout.attribute_layouts(ws, gs)
     if rates is None:
         rates = np.empty(pairs)
     else:
         _check_rates(rates, pairs)
-    ws = [kernel_view(w) for w in ws]
-    gs = [kernel_view(g) for g in gs]
-    # One compiled call per pair reads what the overlap check and the kernels need.
-    layout = np.array(
-        [_layout.pair_layout(w, g) for w, g in zip(ws, gs, strict=True)], dtype=np.int64
-    ).reshape(pairs, len(_layout.LAYOUT_COLUMNS))
     # The update reads w while writing g: as in scale, a w that overlaps its
     # own g without being the same view of it is copied first.
     overlapping = (layout[:, _layout.W_LOW] < layout[:, _layout.G_HIGH]) & (
@@ -296,6 +289,6 @@ def _scale_all_cpu(ws: list, gs: list, hyper, masks: np.ndarray, rates, parallel
     for i in np.flatnonzero(overlapping):
         if ws[i] is not gs[i] and ws[i].__array_interface__ != gs[i].__array_interface__:
             ws[i] = ws[i].copy()
-            layout[i] = _layout.pair_layout(ws[i], gs[i])
+            layout[i] = _layout.pair_layout(kernel_view(ws[i]), kernel_view(gs[i]))
     _layout.refuse_overlaps(layout, rates)
     _cpu.scale_many(ws, gs, layout, hyper, masks, rates, parallel)

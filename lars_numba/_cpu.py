@@ -43,7 +43,6 @@ import threading
 import numpy as np
 from llvmlite import ir
 from numba import carray, config, get_num_threads, njit, prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from . import _layout, _rule, tunables
@@ -219,16 +218,6 @@ def _rows_at(arrays, index):
     return _generated("rows", "arrays, index", f"({body},)", {})
 
 
-@intrinsic
-def address_as_pointer(typingctx, address):
-    """The integer ``address`` as a ``void *``, for :func:`numba.carray`."""
-
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], cgutils.voidptr_t)
-
-    return types.voidptr(types.intp), codegen
-
-
 def views_at(addresses, pair, size, like, count):
     """The ``count`` contiguous 1-d arrays of ``size`` elements at ``addresses[pair]``."""
 
@@ -245,7 +234,7 @@ def _views_at(addresses, pair, size, like, count):
         "views",
         "addresses, pair, size, like, count",
         f"({body},)",
-        {"carray": carray, "pointer": address_as_pointer},
+        {"carray": carray, "pointer": _layout.address_as_pointer},
     )
 
 
@@ -532,37 +521,34 @@ def pair_rate(arrays: tuple, hyper, apply: bool, parallel: bool, update: str = "
     return kernels[False][variant][0](arrays, hyper, tunables.CPU_CHUNK)
 
 
-_EMPTY_OF_DTYPE = {np.dtype(t): np.empty(0, t) for t in (np.uint16, np.float32, np.float64)}
+#: A zero-size array of what the kernels take for each itemsize: float16 as bits.
+_EMPTY_OF_ITEMSIZE = {2: np.empty(0, np.uint16), 4: np.empty(0, np.float32), 8: np.empty(0)}
 
 
 def scale_many(ws, gs, layout, hyper, masks, rates, parallel: bool = True) -> None:
     """Scale every ``gs[i]`` in place by its rate, written to ``rates[i]``.
 
-    ``ws`` and ``gs`` are validated pairs (float16 as bit patterns) that
-    overlap no other pair, ``layout`` their rows of
-    :func:`lars_numba._layout.pair_layout` and ``masks[i]`` whether pair ``i``
-    gets weight decay and its trust ratio. The contiguous pairs of each dtype
-    take one call of the many-pairs kernel; the rare strided ones go through
-    :func:`pair_rate` one by one.
+    ``ws`` and ``gs`` are validated pairs that overlap no other pair, ``layout``
+    their rows of :func:`lars_numba._layout.pair_layout` and ``masks[i]``
+    whether pair ``i`` gets weight decay and its trust ratio. The contiguous
+    pairs of each dtype take one call of the many-pairs kernel; the rare
+    strided ones go through :func:`pair_rate` one by one.
     """
     contiguous = layout[:, _layout.CONTIGUOUS].astype(bool)
-    for members in _layout.groups_by_dtype(w.dtype for w in ws):
-        members = np.array(members)
-        members = members[contiguous[members]]
-        if members.size == 0:
-            continue
+    itemsizes = layout[:, _layout.ITEMSIZE]
+    for itemsize in np.unique(itemsizes[contiguous]):
+        members = np.flatnonzero(contiguous & (itemsizes == itemsize))
         sizes = layout[members, _layout.SIZE]
         group_rates = np.empty(members.size)
         threaded = _threaded(parallel, int(sizes.sum()))
-        kernel = _KERNELS["scale"][threaded][2]
         try:
-            kernel(
+            _KERNELS["scale"][threaded][2](
                 layout[members][:, [_layout.W_LOW, _layout.G_LOW]],
                 sizes,
                 hyper,
                 masks[members],
                 group_rates,
-                _EMPTY_OF_DTYPE[ws[members[0]].dtype],
+                _EMPTY_OF_ITEMSIZE[int(itemsize)],
                 get_num_threads() if threaded else 1,
                 tunables.CPU_CHUNK,
                 tunables.CPU_BATCH_BYTES,
@@ -572,5 +558,5 @@ def scale_many(ws, gs, layout, hyper, masks, rates, parallel: bool = True) -> No
                 _parallel_slot.release()
         rates[members] = group_rates
     for i in np.flatnonzero(~contiguous):
-        decays, adapts = masks[i]
-        rates[i] = pair_rate((ws[i], gs[i]), _rule.masked(hyper, decays, adapts), True, parallel)
+        pair = (_layout.kernel_view(ws[i]), _layout.kernel_view(gs[i]))
+        rates[i] = pair_rate(pair, _rule.masked(hyper, *masks[i]), True, parallel)

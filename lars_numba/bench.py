@@ -440,6 +440,99 @@ def _format_model_table(rows) -> str:
     return "\n".join(lines)
 
 
+# -- float16 against float32 ---------------------------------------------------
+
+
+def half_rows(rounds: int) -> list[tuple[str, float, float]]:
+    """Seconds per call of ``scale`` at 1e7 elements and of ``scale_all`` on ResNet-50,
+    in float32 and float16, timed in the same rounds."""
+    from ._shapes import RESNET50_SHAPES
+
+    rng = np.random.default_rng(0)
+    candidates = {}
+    for dtype in ("float32", "float16"):
+        w, g = (rng.standard_normal(10_000_000, dtype=np.float32).astype(dtype) for _ in "wg")
+        candidates[f"scale {dtype}"] = functools.partial(
+            lars_numba.scale, w, g, weight_decay=WEIGHT_DECAY
+        )
+        ws = [
+            rng.standard_normal(shape, dtype=np.float32).astype(dtype) for shape in RESNET50_SHAPES
+        ]
+        gs = [
+            rng.standard_normal(shape, dtype=np.float32).astype(dtype) for shape in RESNET50_SHAPES
+        ]
+        candidates[f"scale_all {dtype}"] = functools.partial(
+            lars_numba.scale_all, ws, gs, weight_decay=WEIGHT_DECAY
+        )
+    times = interleaved(candidates, rounds)
+    return [
+        (name, times[f"{name} float32"], times[f"{name} float16"])
+        for name in ("scale", "scale_all")
+    ]
+
+
+# -- parallel beside a busy core ----------------------------------------------
+
+
+def _percentiles(samples: list[float]) -> tuple[float, float]:
+    return statistics.median(samples), float(np.percentile(samples, 90))
+
+
+def contention_rows(sizes=(1_000_000, 10_000_000), calls: int = 40) -> list[tuple]:
+    """Median and 90th percentile of single ``scale`` calls, threaded and serial,
+    quiet and beside a process that keeps one core busy, taken in turn.
+
+    Rows of (size, "quiet" or "busy", (parallel median, p90), (serial median, p90)).
+    """
+    rows = []
+    for size in sizes:
+        w, g = random_pair(size)
+        calls_of = {
+            parallel: functools.partial(
+                lars_numba.scale, w, g, weight_decay=WEIGHT_DECAY, parallel=parallel
+            )
+            for parallel in (True, False)
+        }
+        for call in calls_of.values():
+            call()
+        for load in ("quiet", "busy"):
+            spinner = None
+            if load == "busy":
+                spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                time.sleep(0.2)
+            try:
+                samples = {parallel: [] for parallel in calls_of}
+                for _ in range(calls):
+                    for parallel, call in calls_of.items():
+                        samples[parallel].append(_seconds(call))
+            finally:
+                if spinner is not None:
+                    spinner.kill()
+                    spinner.wait()
+            rows.append((size, load, _percentiles(samples[True]), _percentiles(samples[False])))
+    return rows
+
+
+# -- Python's share of scale_all, per pair ---------------------------------------
+
+
+def per_pair_rows(rounds: int, counts=(1000, 3000), size: int = 16) -> list[tuple[int, float]]:
+    """Seconds per ``scale_all`` call on ``count`` float32 pairs of ``size`` elements.
+
+    The difference between two counts over the difference of pairs is what one
+    more pair costs: Python's work on it, its checks, and its few elements.
+    """
+    candidates = {}
+    for count in counts:
+        ws = [np.ones(size, np.float32) for _ in range(count)]
+        gs = [np.ones(size, np.float32) for _ in range(count)]
+        candidates[count] = functools.partial(
+            lars_numba.scale_all, ws, gs, weight_decay=WEIGHT_DECAY, parallel=False
+        )
+    times = interleaved(candidates, rounds)
+    return [(count, times[count]) for count in counts]
+
+
 _FIRST_CALL = (
     "import time; start = time.perf_counter()\n"
     "import numpy as np, lars_numba\n"
@@ -507,6 +600,31 @@ def main(argv: list[str] | None = None) -> None:
         f"(medians); floors at the bandwidth measured in each row's rounds, on {threads} threads"
     )
     print(_format_model_table(model_rows(args.models, args.rounds)))
+
+    print("\nfloat16 against float32 (medians, ms, timed in turn)")
+    print(f"{'call':>10} {'float32':>9} {'float16':>9} {'f16/f32':>8}")
+    for name, single, half in half_rows(args.rounds):
+        print(f"{name:>10} {single * 1e3:>9.3f} {half * 1e3:>9.3f} {half / single:>8.2f}")
+
+    print("\nscale(parallel=True) and (parallel=False) quiet and beside a busy process, float32:")
+    print("single calls in turn, median / 90th percentile in ms")
+    print(
+        f"{'N':>10} {'load':>6} {'parallel':>15} {'serial':>15}"
+        f" {'par/ser med':>12} {'par/ser p90':>12}"
+    )
+    for size, load, threaded, serial in contention_rows():
+        print(
+            f"{size:>10} {load:>6} {threaded[0] * 1e3:>7.3f}/{threaded[1] * 1e3:<7.3f}"
+            f" {serial[0] * 1e3:>7.3f}/{serial[1] * 1e3:<7.3f}"
+            f" {threaded[0] / serial[0]:>12.2f} {threaded[1] / serial[1]:>12.2f}"
+        )
+
+    (few, few_time), (many, many_time) = per_pair_rows(args.rounds)
+    print(
+        f"\nscale_all on {few} and {many} float32 pairs of 16 elements: "
+        f"{few_time * 1e3:.3f} and {many_time * 1e3:.3f} ms; one more pair costs "
+        f"{(many_time - few_time) / (many - few) * 1e6:.3f} us"
+    )
 
     hooks = hook_rows(args.rounds)
     if hooks:

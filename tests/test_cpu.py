@@ -2,7 +2,10 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from numba import njit
+from test_api import laid_pairs
 
 from lars_numba import _cpu, _layout
 
@@ -81,3 +84,28 @@ def test_flat_views_pair_the_same_elements_without_copying(make_w, make_g, flat)
         for view, array in zip(views, (w, g), strict=True):
             assert np.shares_memory(view, array)
         np.testing.assert_array_equal(views[1] - views[0], np.full(views[0].shape, 100.0))
+
+
+@settings(max_examples=200, deadline=None)
+@given(pairs=st.lists(laid_pairs(), min_size=1, max_size=6))
+def test_the_layouts_read_from_the_array_objects_are_the_attributes(pairs):
+    ws = [laid[0].array for laid in pairs]
+    gs = [laid[1].array for laid in pairs]
+    read = _layout.plain_layouts(ws, gs)
+    assert read is not None
+    np.testing.assert_array_equal(read, _layout.attribute_layouts(ws, gs))
+
+
+@pytest.mark.parametrize(
+    "make_g",
+    [
+        lambda g: g.astype(np.float64),  # another dtype
+        lambda g: g.reshape(1, -1),  # another shape
+        lambda g: g.astype(">f4"),  # not native
+        lambda g: np.ma.MaskedArray(g),  # a subclass
+        lambda g: np.frombuffer(g.tobytes(), np.float32),  # read-only
+    ],
+)
+def test_pairs_that_are_not_plain_are_left_to_the_checks(make_g):
+    w = np.arange(6, dtype=np.float32)
+    assert _layout.plain_layouts([w, w], [w.copy(), make_g(w.copy())]) is None

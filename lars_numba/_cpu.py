@@ -109,39 +109,45 @@ def single_to_half_bits(typingctx, value):
 
 
 @intrinsic
-def single_bits(typingctx, value):
-    """The bits of a float32, as a uint32."""
+def double_bits(typingctx, value):
+    """The bits of a float64, as a uint64."""
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
+        return builder.bitcast(args[0], ir.IntType(64))
 
-    return types.uint32(types.float32), codegen
+    return types.uint64(types.float64), codegen
 
 
 @intrinsic
-def bits_single(typingctx, bits):
-    """The float32 whose bits are the uint32 ``bits``."""
+def bits_double(typingctx, bits):
+    """The float64 whose bits are the uint64 ``bits``."""
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
+        return builder.bitcast(args[0], ir.DoubleType())
 
-    return types.float32(types.uint32), codegen
+    return types.float64(types.uint64), codegen
+
+
+#: The 29 low bits of a float64's 52 fraction bits that float32 has no room for.
+_BEYOND_SINGLE = np.uint64((1 << 29) - 1)
+_STICKY = np.uint64(1 << 29)
 
 
 @njit(inline="always", **OPTIONS)
 def to_half_bits(value):
     """The bits of the float64 ``value`` rounded once to binary16, ties to even.
 
-    Through float32 rounded to odd (truncated, its last bit set if inexact):
-    float32 has more than twice binary16's precision plus two bits, so the
-    second rounding, float32 to binary16 in hardware, gives what one rounding
-    of ``value`` would. A plain float32 rounding first would round twice.
+    Rounded first to float32's precision by rounding to odd: the bits float32
+    has no room for are dropped and, if any was set, the last bit kept is
+    set. Float32 then holds the value exactly, and as float32 has more than
+    twice binary16's precision plus two bits, the hardware's rounding of it to
+    binary16 gives what one rounding of ``value`` would; a plain rounding to
+    float32 first would round twice. Integer operations on the float64's bits,
+    which vectorize with the rest of the loop.
     """
-    single = np.float32(value)
-    back = np.float64(single)
-    bits = single_bits(single)
-    bits = (bits - np.uint32(abs(back) > abs(value))) | np.uint32(back != value)
-    return single_to_half_bits(bits_single(bits))
+    bits = double_bits(value)
+    odd = (bits & ~_BEYOND_SINGLE) | (_STICKY if bits & _BEYOND_SINGLE else np.uint64(0))
+    return single_to_half_bits(np.float32(bits_double(odd)))
 
 
 def load(x):

@@ -1,5 +1,11 @@
 """The CPU engine's pieces: the float16 conversions and the flat views."""
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -7,6 +13,7 @@ from hypothesis import strategies as st
 from numba import njit
 from test_api import laid_pairs
 
+import lars_numba
 from lars_numba import _cpu, _layout
 
 ALL_HALF_BITS = np.arange(1 << 16, dtype=np.uint16)
@@ -109,3 +116,41 @@ def test_the_layouts_read_from_the_array_objects_are_the_attributes(pairs):
 def test_pairs_that_are_not_plain_are_left_to_the_checks(make_g):
     w = np.arange(6, dtype=np.float32)
     assert _layout.plain_layouts([w, w], [w.copy(), make_g(w.copy())]) is None
+
+
+RULE_CHANGE = """
+import numpy as np
+import lars_numba
+g = np.ones(4)
+lars_numba.scale(np.ones(4), g, eps=0.0)
+print(lars_numba.__file__)
+print(g[0])
+"""
+
+
+def test_a_change_of_the_rule_alone_recompiles_the_cached_kernels(tmp_path):
+    # A copy of the package whose rule file is changed after a first run
+    # filled Numba's cache: the kernels live in _cpu.py, which is unchanged.
+    package = tmp_path / "lars_numba"
+    shutil.copytree(Path(lars_numba.__file__).parent, package)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(tmp_path)}
+
+    def run():
+        done = subprocess.run(
+            [sys.executable, "-c", RULE_CHANGE],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr
+        where, value = done.stdout.split()
+        assert where.startswith(str(package))
+        return float(value)
+
+    assert run() == 1.0  # rate ||w|| / ||g|| = 1
+    rule = package / "_rule.py"
+    rule.write_text(
+        rule.read_text().replace("return w, rate * (g + hyper[1] * w)", "return w, 3 * rate * g")
+    )
+    assert run() == 3.0

@@ -18,9 +18,10 @@ bench = optional("lars_numba.bench")
 # Where the parallel cut-off lives: lars_numba.tunables, or _cpu in older commits.
 tunables = optional("lars_numba.tunables") or optional("lars_numba._cpu")
 
-# float16 is arithmetic in software, NumPy's and lars_numba's codec alike: about
-# 3.5 s a call at 5e7 elements here, too long for the peers and the repeated
-# calls of the ratios; lars_numba's own time is kept.
+# NumPy's float16 arithmetic is in software (and so was lars_numba's before it
+# used the hardware's conversions): seconds a call at 5e7 elements here, too
+# long for the peers and the repeated calls of the ratios; lars_numba's own
+# time is kept.
 _SLOW_FLOAT16 = skip_for_params([(50_000_000, "float16")])
 
 

@@ -504,8 +504,16 @@ _KERNELS = {
 
 def _threaded(parallel: bool, size: int) -> bool:
     """Whether a call over ``size`` elements takes the threaded kernels, which it then
-    holds until :func:`_release` (see ``_parallel_slot``)."""
+    holds until it releases ``_parallel_slot``."""
     return parallel and size >= tunables.PARALLEL_MIN_SIZE and _parallel_slot.acquire(False)
+
+
+#: The kernels over one pair by update and whether they update, serial then threaded.
+_PAIR_KERNELS = {
+    (name, apply): (kernels[False][1 - apply], kernels[True][1 - apply])
+    for name, kernels in _KERNELS.items()
+    for apply in (True, False)
+}
 
 
 def pair_rate(arrays: tuple, hyper, apply: bool, parallel: bool, update: str = "scale") -> float:
@@ -513,18 +521,23 @@ def pair_rate(arrays: tuple, hyper, apply: bool, parallel: bool, update: str = "
 
     ``arrays`` starts with ``w`` and ``g``, of one shape and dtype.
     """
-    kernels = _KERNELS[update]
-    variant = 1 - apply
+    serial, threaded = _PAIR_KERNELS[update, apply]
     flat = _layout.flat_views(arrays[0], arrays[1])
     if flat is None:
-        return kernels[False][variant][1](arrays, hyper)
-    arrays = (*flat, *(a.reshape(-1) for a in arrays[2:]))
-    if _threaded(parallel, flat[0].shape[0]):
+        return serial[1](arrays, hyper)
+    if len(arrays) > 2:
+        flat = (*flat, *(array.reshape(-1) for array in arrays[2:]))
+    # _threaded inline: this is the path of every small call.
+    if (
+        parallel
+        and flat[0].shape[0] >= tunables.PARALLEL_MIN_SIZE
+        and _parallel_slot.acquire(False)
+    ):
         try:
-            return kernels[True][variant][0](arrays, hyper, tunables.CPU_CHUNK)
+            return threaded[0](flat, hyper, tunables.CPU_CHUNK)
         finally:
             _parallel_slot.release()
-    return kernels[False][variant][0](arrays, hyper, tunables.CPU_CHUNK)
+    return serial[0](flat, hyper, tunables.CPU_CHUNK)
 
 
 #: A zero-size array of what the kernels take for each itemsize: float16 as bits.

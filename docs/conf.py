@@ -27,6 +27,8 @@ extensions = [
     "sphinx.ext.autosummary",
     "sphinx.ext.doctest",
     "sphinx.ext.mathjax",
+    # MathJax from the package instead of a CDN: formulas render offline.
+    "sphinx-mathjax-offline",
     "numpydoc",
 ]
 

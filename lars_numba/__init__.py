@@ -27,6 +27,9 @@ def scale(
     threshold: float = 1e-2,
     weight_decay: float = 0.0,
     eps: float = 1e-9,
+    trust_coefficient: float = 1.0,
+    denominator: str = "sum",
+    clip_lr: float | None = None,
     parallel: bool = True,
 ) -> np.ndarray:
     """Scale the gradient ``g`` of the weights ``w`` in place by the LARS rule.
@@ -34,15 +37,17 @@ def scale(
     .. math::
 
         r = \\begin{cases}
-              \\dfrac{\\|w\\|}{\\epsilon + \\|g\\| + \\lambda \\|w\\|} & \\|w\\| > \\tau \\\\
+              \\dfrac{\\eta \\|w\\|}{\\epsilon + \\|g\\| + \\lambda \\|w\\|} & \\|w\\| > \\tau \\\\
               1 & \\text{otherwise}
             \\end{cases}
         \\qquad g \\leftarrow r\\,(g + \\lambda w)
 
-    with :math:`\\tau` = ``threshold``, :math:`\\lambda` = ``weight_decay`` and
-    :math:`\\epsilon` = ``eps``: the rule of Chainer's ``GradientLARS``. Weight
-    decay is added even where the rate is 1. Norms are accumulated in float64,
-    and the update is computed in float64 and rounded once to ``g``'s dtype.
+    with :math:`\\tau` = ``threshold``, :math:`\\lambda` = ``weight_decay``,
+    :math:`\\epsilon` = ``eps`` and :math:`\\eta` = ``trust_coefficient``: by
+    default the rule of Chainer's ``GradientLARS``; the other frameworks'
+    variants are arguments (:doc:`/variants`). Weight decay is added even where
+    the rate is 1. Norms are accumulated in float64, and the update is
+    computed in float64 and rounded once to ``g``'s dtype.
 
     Parameters
     ----------
@@ -57,6 +62,18 @@ def scale(
         The L2 coefficient added to the gradient before scaling.
     eps : float, optional
         Added to the denominator of the rate.
+    trust_coefficient : float, optional
+        The paper's :math:`\\eta`, a factor of the rate where ``||w|| >
+        threshold``; 1 folds it into the learning rate, as Chainer does.
+    denominator : {"sum", "update"}, optional
+        ``"sum"``: ``eps + ||g|| + weight_decay * ||w||`` (Chainer, the paper,
+        apex, timm); ``"update"``: ``eps + ||g + weight_decay * w||``, the norm
+        of the decayed gradient (optax, TensorFlow), where a zero norm gives
+        rate 1. Both take their norms in the same single pass.
+    clip_lr : float, optional
+        LARC's clipping with this learning rate: the rate becomes
+        ``min(rate / clip_lr, 1)``, so that the step is the smaller of the
+        local and the global learning rate.
     parallel : bool, optional
         Let NumPy arrays of at least ``lars_numba.tunables.PARALLEL_MIN_SIZE``
         elements run on all of Numba's threads. Pass ``False`` inside a loop
@@ -75,8 +92,9 @@ def scale(
         If ``w`` or ``g`` is not an array, their dtypes differ or are not
         float16, float32 or float64, or a hyperparameter is not a real number.
     ValueError
-        If the shapes differ, ``g`` is read-only, or a hyperparameter is
-        negative or not finite. Nothing is written when an error is raised.
+        If the shapes differ, ``g`` is read-only, a hyperparameter is
+        negative or not finite, ``denominator`` is not one of its values or
+        ``clip_lr`` is not positive. Nothing is written when an error is raised.
 
     Examples
     --------
@@ -89,7 +107,12 @@ def scale(
     >>> g
     array([3., 4.], dtype=float32)
     """
-    _api.scale(w, g, _api.hyperparameters(threshold, weight_decay, eps), parallel)
+    _api.scale(
+        w,
+        g,
+        _api.hyperparameters(threshold, weight_decay, eps, trust_coefficient, denominator, clip_lr),
+        parallel,
+    )
     return g
 
 
@@ -100,6 +123,9 @@ def trust_ratio(
     threshold: float = 1e-2,
     weight_decay: float = 0.0,
     eps: float = 1e-9,
+    trust_coefficient: float = 1.0,
+    denominator: str = "sum",
+    clip_lr: float | None = None,
     parallel: bool = True,
 ) -> float:
     """The rate :func:`scale` would apply to ``g``, leaving ``g`` untouched.
@@ -108,13 +134,14 @@ def trust_ratio(
     ----------
     w, g : numpy.ndarray
         As for :func:`scale`, except that ``g`` may be read-only.
-    threshold, weight_decay, eps, parallel : optional
+    threshold, weight_decay, eps, trust_coefficient, denominator, clip_lr, parallel : optional
         As for :func:`scale`.
 
     Returns
     -------
     float
-        ``||w|| / (eps + ||g|| + weight_decay * ||w||)`` if
+        ``trust_coefficient * ||w|| / (eps + ||g|| + weight_decay * ||w||)``
+        (or the other ``denominator``, clipped with ``clip_lr``) if
         ``||w|| > threshold``, else 1.0.
 
     Raises
@@ -132,7 +159,12 @@ def trust_ratio(
     >>> lars_numba.trust_ratio(w, np.array([0.0, 1.0]), threshold=5.0)
     1.0
     """
-    return _api.trust_ratio(w, g, _api.hyperparameters(threshold, weight_decay, eps), parallel)
+    return _api.trust_ratio(
+        w,
+        g,
+        _api.hyperparameters(threshold, weight_decay, eps, trust_coefficient, denominator, clip_lr),
+        parallel,
+    )
 
 
 def scale_all(
@@ -142,6 +174,9 @@ def scale_all(
     threshold: float = 1e-2,
     weight_decay: float = 0.0,
     eps: float = 1e-9,
+    trust_coefficient: float = 1.0,
+    denominator: str = "sum",
+    clip_lr: float | None = None,
     weight_decay_mask: Sequence[bool] | None = None,
     trust_ratio_mask: Sequence[bool] | None = None,
     rates: np.ndarray | None = None,
@@ -168,7 +203,7 @@ def scale_all(
         range must not overlap any other pair's arrays (interleaved strided
         views are refused, though they share no element). This is checked
         for NumPy arrays; on a GPU it is the caller's to ensure.
-    threshold, weight_decay, eps : float, optional
+    threshold, weight_decay, eps, trust_coefficient, denominator, clip_lr : optional
         As for :func:`scale`, for every pair.
     weight_decay_mask : sequence of bool, optional
         One per pair: ``False`` where the pair gets no weight decay (biases and
@@ -215,7 +250,7 @@ def scale_all(
     _api.scale_all(
         ws,
         gs,
-        _api.hyperparameters(threshold, weight_decay, eps),
+        _api.hyperparameters(threshold, weight_decay, eps, trust_coefficient, denominator, clip_lr),
         weight_decay_mask,
         trust_ratio_mask,
         rates,

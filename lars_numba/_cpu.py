@@ -43,6 +43,7 @@ import threading
 import numpy as np
 from llvmlite import ir
 from numba import carray, config, get_num_threads, njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from . import _layout, _rule, tunables
@@ -175,7 +176,6 @@ def _store(value, array):
 # -- the rule, compiled --------------------------------------------------------
 
 rate_from_sums = njit(inline="always", **OPTIONS)(_rule.rate_from_sums)
-norm_terms = njit(inline="always", **OPTIONS)(_rule.norm_terms)
 masked = njit(inline="always", **OPTIONS)(_rule.masked)
 
 #: The updates, compiled, and what they write, in the order of ``_rule.UPDATES``.
@@ -247,16 +247,171 @@ def _views_at(addresses, pair, size, like, count):
 # -- the two loops every kernel is made of --------------------------------------
 
 
+#: Elements a sum of the CPU engine takes in turn, each into an accumulator of
+#: its own (lanes that the compiler packs into vector registers). Part of the
+#: order of the additions, hence of the results, like ``tunables.CPU_CHUNK``.
+LANES = 8
+
+#: The sums' loops add in exactly the order they are written: without
+#: ``reassoc`` and ``contract``, which let LLVM pick the order (an interleave
+#: of the vectorized loop) afresh in every kernel that inlines the loop, so
+#: that the kernels of ``scale`` and ``scale_all`` would differ by an ulp.
+#: ``fastmath=False`` is explicit: left unset, Numba compiles a function
+#: with the flags of the kernel that first calls it.
+STRICT_OPTIONS = {"nogil": True, "error_model": "numpy", "fastmath": False}
+
+
+@intrinsic
+def vector_lanes(typingctx, w, g, weight_decay, count):
+    """Lane by lane, the sums of the first ``count`` terms of ``norm_terms`` over the
+    whole blocks of ``LANES`` elements of the 1-d C-contiguous ``w`` and ``g``: a
+    tuple of ``count * LANES``, sum by sum.
+
+    The loop of :func:`scalar_lanes` written with LLVM's vector types, which
+    Numba's loops do not reach without ``reassoc``: the same operations in the
+    same order (the terms as ``_rule.norm_terms`` writes them), four times
+    faster.
+    """
+    if not isinstance(count, types.IntegerLiteral):
+        return None  # Numba asks again with the constant's value
+    sums = count.literal_value
+
+    def codegen(context, builder, signature, args):
+        lanes = ir.VectorType(ir.DoubleType(), LANES)
+
+        def block(array_type, array, start):
+            element = context.get_data_type(array_type.dtype)
+            pointer = builder.gep(
+                context.make_array(array_type)(context, builder, array).data, [start]
+            )
+            value = builder.load(
+                builder.bitcast(pointer, ir.PointerType(ir.VectorType(element, LANES))), align=1
+            )
+            if array_type.dtype == types.uint16:  # float16 as its bits
+                value = builder.bitcast(value, ir.VectorType(ir.HalfType(), LANES))
+            return value if array_type.dtype == types.float64 else builder.fpext(value, lanes)
+
+        size = builder.extract_value(
+            context.make_array(signature.args[0])(context, builder, args[0]).shape, 0
+        )
+        decay = builder.insert_element(
+            ir.Constant(lanes, ir.Undefined), args[2], ir.Constant(ir.IntType(32), 0)
+        )
+        decay = builder.shuffle_vector(
+            decay, decay, ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
+        )
+        totals = [
+            cgutils.alloca_once_value(builder, ir.Constant(lanes, [0.0] * LANES))
+            for _ in range(sums)
+        ]
+        blocks = builder.sdiv(size, ir.Constant(size.type, LANES))
+        with cgutils.for_range(builder, blocks) as loop:
+            start = builder.mul(loop.index, ir.Constant(size.type, LANES))
+            w_lanes = block(signature.args[0], args[0], start)
+            g_lanes = block(signature.args[1], args[1], start)
+            update = builder.fadd(g_lanes, builder.fmul(decay, w_lanes))
+            terms = (
+                builder.fmul(w_lanes, w_lanes),
+                builder.fmul(g_lanes, g_lanes),
+                builder.fmul(update, update),
+            )
+            for total, term in zip(totals, terms, strict=False):
+                builder.store(builder.fadd(builder.load(total), term), total)
+        values = [
+            builder.extract_element(builder.load(total), ir.Constant(ir.IntType(32), lane))
+            for total in totals
+            for lane in range(LANES)
+        ]
+        return context.make_tuple(builder, signature.return_type, values)
+
+    return types.UniTuple(types.float64, sums * LANES)(w, g, weight_decay, count), codegen
+
+
+def _scalar_lanes(count: int):
+    """:func:`vector_lanes` for arrays of any stride, as scalar code."""
+    lanes = [f"s{k}_{lane}" for k in range(count) for lane in range(LANES)]
+    lines = [
+        "def scalar_lanes(hyper, w, g):",
+        f"    {' = '.join(lanes)} = 0.0",
+        # From 0 and on slices: an index LLVM cannot prove non-negative keeps
+        # the wrap-around of negative indices in the loop (5 times slower).
+        f"    for block in range(w.shape[0] // {LANES}):",
+        f"        start = block * {LANES}",
+    ]
+    for lane in range(LANES):
+        lines.append(
+            f"        t = norm_terms(hyper, load(w[start + {lane}]), load(g[start + {lane}]))"
+        )
+        lines += [f"        s{k}_{lane} += t[{k}]" for k in range(count)]
+    lines.append(f"    return ({', '.join(lanes)},)")
+    # A function that Numba inlines brings its own fastmath flags along: the
+    # rule's terms, compiled strict here too.
+    namespace = {"norm_terms": njit(inline="always", **STRICT_OPTIONS)(_rule.norm_terms)}
+    namespace["load"] = load
+    exec("\n".join(lines), namespace)
+    return njit(**STRICT_OPTIONS)(namespace["scalar_lanes"])
+
+
+_SCALAR_LANES = {count: _scalar_lanes(count) for count in (2, _rule.SUMS)}
+
+
+def _lanes_tree(names: list[str]) -> str:
+    """``names`` added up pairwise: ``((a + b) + (c + d))``."""
+    while len(names) > 1:
+        names = [f"({a} + {b})" for a, b in zip(names[::2], names[1::2], strict=True)]
+    return names[0]
+
+
+def _sums_loop(count: int):
+    """The sums of the first ``count`` terms of ``norm_terms`` over 1-d ``w`` and
+    ``g``: element ``i`` goes to lane ``i % LANES`` (the tail to lane 0), and
+    the lanes are added up pairwise."""
+    lanes = [[f"lanes[{k * LANES + lane}]" for lane in range(LANES)] for k in range(count)]
+    trees = ", ".join(_lanes_tree([f"s{k}", *names[1:]]) for k, names in enumerate(lanes))
+    lines = [
+        "def sums_loop(hyper, w, g):",
+        "    lanes = block_lanes(hyper, w, g)",
+        *(f"    s{k} = lanes[{k * LANES}]" for k in range(count)),
+        f"    tail = w.shape[0] // {LANES} * {LANES}",
+        "    for i in range(w.shape[0] - tail):",
+        "        t = norm_terms(hyper, load(w[tail + i]), load(g[tail + i]))",
+        *(f"        s{k} += t[{k}]" for k in range(count)),
+        f"    return ({trees},)",
+    ]
+
+    def block_lanes(hyper, w, g):
+        """The lanes of the whole blocks, by vector code where both are contiguous."""
+
+    @overload(block_lanes, inline="always", jit_options=STRICT_OPTIONS)
+    def _block_lanes(hyper, w, g):
+        if w.layout == "C" and g.layout == "C":
+            return lambda hyper, w, g: vector_lanes(w, g, hyper[1], count)
+        scalar = _SCALAR_LANES[count]
+        return lambda hyper, w, g: scalar(hyper, w, g)
+
+    namespace = {
+        "norm_terms": njit(inline="always", **STRICT_OPTIONS)(_rule.norm_terms),
+        "load": load,
+        "block_lanes": block_lanes,
+    }
+    exec("\n".join(lines), namespace)
+    return njit(**STRICT_OPTIONS)(namespace["sums_loop"])
+
+
+_SUMS_OF_THE_SUM = _sums_loop(2)
+_ALL_SUMS = _sums_loop(_rule.SUMS)
+
+
 @njit(**OPTIONS)
-def chunk_sums(w, g):
+def chunk_sums(hyper, w, g):
     """The sums of :func:`lars_numba._rule.norm_terms` over 1-d ``w`` and ``g``."""
-    sums = ZERO_SUMS
-    # Loops start at 0 and callers pass slices: from an index LLVM cannot
-    # prove non-negative, the wrap-around of negative indices stays in the
-    # loop and stops it from being vectorized (5 times slower, measured).
-    for i in range(w.shape[0]):
-        sums = add_sums(sums, norm_terms(load(w[i]), load(g[i])))
-    return sums
+    if hyper[_rule.DENOMINATOR]:
+        return _ALL_SUMS(hyper, w, g)
+    # The denominator "sum" needs two sums, and a loop of its own: with a
+    # third accumulator LLVM interleaves the vectorized loop otherwise, which
+    # adds the terms in another order and moves the rates by an ulp.
+    w_sq, g_sq = _SUMS_OF_THE_SUM(hyper, w, g)
+    return (w_sq, g_sq, 0.0)
 
 
 def update_chunk(arrays, rate, hyper, update):
@@ -311,13 +466,21 @@ def store_sums(partial, index, sums):
         partial[index, k] = sums[k]
 
 
-@njit(inline="always", **OPTIONS)
+# Compiled apart, with STRICT_OPTIONS: the flags of a function that Numba
+# inlines are its caller's.
+@njit(**STRICT_OPTIONS)
 def total_in_order(partial, first, end):
     """The sum of the rows ``first:end`` of ``partial``, added in row order."""
     total = ZERO_SUMS
     for index in range(first, end):
         total = add_sums(total, sums_row(partial, index))
     return total
+
+
+@njit(**STRICT_OPTIONS)
+def add_in_order(total, sums):
+    """``total + sums``, as written (see ``STRICT_OPTIONS``)."""
+    return add_sums(total, sums)
 
 
 def _pair_kernels(update: int, parallel: bool, apply: bool):
@@ -337,14 +500,14 @@ def _pair_kernels(update: int, parallel: bool, apply: bool):
         size = arrays[0].shape[0]
         chunks = max(1, -(-size // chunk))
         if chunks == 1:
-            rate = rate_from_sums(chunk_sums(arrays[0], arrays[1]), hyper)
+            rate = rate_from_sums(chunk_sums(hyper, arrays[0], arrays[1]), hyper)
             if apply:
                 update_chunk(arrays, rate, hyper, update)
             return rate
         partial = np.empty((chunks, len(ZERO_SUMS)))
         for index in loop(chunks):
             part = chunk_of(arrays, index * chunk, (index + 1) * chunk)
-            store_sums(partial, index, chunk_sums(part[0], part[1]))
+            store_sums(partial, index, chunk_sums(hyper, part[0], part[1]))
         rate = rate_from_sums(total_in_order(partial, 0, chunks), hyper)
         if apply:
             for index in loop(chunks):
@@ -359,7 +522,7 @@ def _pair_kernels(update: int, parallel: bool, apply: bool):
         total = ZERO_SUMS
         for index in np.ndindex(arrays[0].shape[:-1]):
             rows = rows_at(arrays, index)
-            total = add_sums(total, chunk_sums(rows[0], rows[1]))
+            total = add_in_order(total, chunk_sums(hyper, rows[0], rows[1]))
         rate = rate_from_sums(total, hyper)
         if apply:
             for index in np.ndindex(arrays[0].shape[:-1]):
@@ -456,9 +619,9 @@ def _many_pairs_kernel(update: int, parallel: bool):
                     start = (index - first_chunk[pair]) * chunk
                     views = views_at(addresses, pair, sizes[pair], like, arrays_per_pair)
                     part = chunk_of(views, start, start + chunk)
-                    sums = chunk_sums(part[0], part[1])
+                    pair_hyper = masked(hyper, masks[pair, 0], masks[pair, 1])
+                    sums = chunk_sums(pair_hyper, part[0], part[1])
                     if last_work[index] == 0:
-                        pair_hyper = masked(hyper, masks[pair, 0], masks[pair, 1])
                         rates[pair] = rate_from_sums(sums, pair_hyper)
                         update_chunk(part, rates[pair], pair_hyper, update)
                     store_sums(partial, index, sums)

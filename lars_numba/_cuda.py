@@ -90,56 +90,66 @@ def unravel(i, shape):
     return tuple_setitem(index, 0, i)
 
 
-@cuda.jit(device=True, inline=True)
-def block_sum_pair(shared, a, b):
-    """``(sum of a, sum of b)`` over the threads of the block, for every thread.
+#: The sums of a pair start from these: one per term of ``_rule.norm_terms``.
+ZERO_SUMS = (0.0,) * _rule.SUMS
 
-    ``shared`` holds two float64 per thread. Every thread of the block must
-    call this, as it synchronizes the block.
+
+@cuda.jit(device=True, inline=True)
+def add_sums(a, b):
+    """``a + b`` element by element, for tuples of sums."""
+    total = a
+    for k in range(len(a)):
+        total = tuple_setitem(total, k, a[k] + b[k])
+    return total
+
+
+@cuda.jit(device=True, inline=True)
+def block_sums(shared, sums):
+    """The tuple ``sums`` added up over the threads of the block, for every thread.
+
+    ``shared`` holds ``len(sums)`` float64 per thread. Every thread of the
+    block must call this, as it synchronizes the block.
     """
     thread = cuda.threadIdx.x
     threads = cuda.blockDim.x
-    shared[thread] = a
-    shared[threads + thread] = b
+    for k in range(len(sums)):
+        shared[k * threads + thread] = sums[k]
     cuda.syncthreads()
     half = threads // 2
     while half > 0:
         if thread < half:
-            shared[thread] += shared[thread + half]
-            shared[threads + thread] += shared[threads + thread + half]
+            for k in range(len(sums)):
+                shared[k * threads + thread] += shared[k * threads + thread + half]
         cuda.syncthreads()
         half //= 2
-    return shared[0], shared[threads]
+    total = sums
+    for k in range(len(sums)):
+        total = tuple_setitem(total, k, shared[k * threads])
+    return total
 
 
 @cuda.jit(device=True, inline=True)
-def sums_of_range(w, g, start, stop, step):
+def sums_of_range(hyper, w, g, start, stop, step):
     """The sums of :func:`lars_numba._rule.norm_terms` over ``range(start, stop, step)``."""
-    w_sq = 0.0
-    g_sq = 0.0
+    sums = ZERO_SUMS
     for i in range(start, stop, step):
-        w_term, g_term = norm_terms(
-            float64(w[unravel(i, w.shape)]), float64(g[unravel(i, g.shape)])
-        )
-        w_sq += w_term
-        g_sq += g_term
-    return w_sq, g_sq
+        terms = norm_terms(hyper, float64(w[unravel(i, w.shape)]), float64(g[unravel(i, g.shape)]))
+        sums = add_sums(sums, terms)
+    return sums
 
 
 @cuda.jit(device=True, inline=True)
-def sum_rows(sums, start, stop, step):
-    """``(sum sums[r, 0], sum sums[r, 1])`` over ``r`` in ``range(start, stop, step)``."""
-    w_sq = 0.0
-    g_sq = 0.0
-    for row in range(start, stop, step):
-        w_sq += sums[row, 0]
-        g_sq += sums[row, 1]
-    return w_sq, g_sq
+def sums_row(sums, row):
+    """Row ``row`` of the 2-d array ``sums``, as a tuple of sums."""
+    values = ZERO_SUMS
+    for k in range(len(values)):
+        values = tuple_setitem(values, k, sums[row, k])
+    return values
 
 
 @cuda.jit(device=True, inline=True)
-def add_up_partials(shared, sums, row, w_sq, g_sq, ticket, slot, first, end, total_row):
-    """Store a block's sums in ``sums[row]``; the last of ``first:end`` to be stored adds up.
+def add_up_partials(shared, sums, row, partial, ticket, slot, first, end, total_row):
+    """Store a block's sums ``partial`` in ``sums[row]``; the last of ``first:end`` adds up.
 
     ``ticket[slot]`` counts the rows of ``sums[first:end]`` stored so far. The
     block that stores the last writes their total, added in a fixed order, to
@@ -148,19 +158,21 @@ def add_up_partials(shared, sums, row, w_sq, g_sq, ticket, slot, first, end, tot
     """
     last = cuda.shared.array(1, np.int32)
     if cuda.threadIdx.x == 0:
-        sums[row, 0] = w_sq
-        sums[row, 1] = g_sq
+        for k in range(len(partial)):
+            sums[row, k] = partial[k]
         # The partials must be visible to every block before the ticket says
         # they are there (the memory-fence example of the CUDA guide).
         cuda.threadfence()
         last[0] = cuda.atomic.add(ticket, slot, 1) == end - first - 1
     cuda.syncthreads()
     if last[0]:
-        w_sq, g_sq = sum_rows(sums, first + cuda.threadIdx.x, end, cuda.blockDim.x)
-        w_sq, g_sq = block_sum_pair(shared, w_sq, g_sq)
+        total = ZERO_SUMS
+        for other in range(first + cuda.threadIdx.x, end, cuda.blockDim.x):
+            total = add_sums(total, sums_row(sums, other))
+        total = block_sums(shared, total)
         if cuda.threadIdx.x == 0:
-            sums[total_row, 0] = w_sq
-            sums[total_row, 1] = g_sq
+            for k in range(len(total)):
+                sums[total_row, k] = total[k]
             ticket[slot] = 0
     # Every thread has read ``shared`` before a caller's next reduction writes it.
     cuda.syncthreads()
@@ -185,7 +197,7 @@ def _sums_kernel():
     digest = _rule.SOURCE_DIGEST
 
     @cuda.jit(cache=True)
-    def sums_of_chunks(ws, gs, chunks, sums, ticket):
+    def sums_of_chunks(ws, gs, chunks, sums, ticket, hyper):
         """``sums[len(chunks) + s] <-`` the sums over the pair in slot ``s``.
 
         Chunk ``c``'s sums go to ``sums[c]``; ``ticket[s]`` counts the pair's
@@ -196,16 +208,20 @@ def _sums_kernel():
         thread = cuda.threadIdx.x
         for chunk in range(cuda.blockIdx.x, chunks.shape[0], cuda.gridDim.x):
             slot = chunks[chunk, 0]
-            w_sq, g_sq = sums_of_range(
-                ws[slot], gs[slot], chunks[chunk, 1] + thread, chunks[chunk, 2], cuda.blockDim.x
+            pair_hyper = masked(hyper, chunks[chunk, 6], chunks[chunk, 7])
+            partial = sums_of_range(
+                pair_hyper,
+                ws[slot],
+                gs[slot],
+                chunks[chunk, 1] + thread,
+                chunks[chunk, 2],
+                cuda.blockDim.x,
             )
-            w_sq, g_sq = block_sum_pair(shared, w_sq, g_sq)
             add_up_partials(
                 shared,
                 sums,
                 chunk,
-                w_sq,
-                g_sq,
+                block_sums(shared, partial),
                 ticket,
                 slot,
                 chunks[chunk, 3],
@@ -237,7 +253,7 @@ def _update_kernel(update: int):
             slot = chunks[chunk, 0]
             total = chunks.shape[0] + slot
             pair_hyper = masked(hyper, chunks[chunk, 6], chunks[chunk, 7])
-            rate = rate_from_sums((sums[total, 0], sums[total, 1]), pair_hyper)
+            rate = rate_from_sums(sums_row(sums, total), pair_hyper)
             if chunk == chunks[chunk, 3] and thread == 0 and rates.size > 0:
                 rates[chunks[chunk, 5]] = rate
             w = ws[slot]
@@ -297,7 +313,7 @@ class Scratch(NamedTuple):
     """The device memory one stream's calls reuse."""
 
     stream: object  #: the Numba stream for the handle
-    sums: object  #: float64, (rows, 2): each chunk's partial sums, then each pair's totals
+    sums: object  #: float64, (rows, SUMS): each chunk's partial sums, then each pair's totals
     ticket: object  #: uint32, (TUPLE_WIDTH,): chunks done of each pair; 0 between calls
 
 
@@ -330,7 +346,7 @@ def scratch_for(handle: int, rows: int) -> Scratch:
             stream = _numba_stream(handle)
             scratch = Scratch(
                 stream=stream,
-                sums=cuda.device_array((max(rows, 1), 2), np.float64, stream=stream),
+                sums=cuda.device_array((max(rows, 1), _rule.SUMS), np.float64, stream=stream),
                 ticket=cuda.to_device(np.zeros(tunables.TUPLE_WIDTH, np.uint32), stream=stream),
             )
             _scratch[key] = scratch
@@ -419,9 +435,9 @@ def _plan_for(key: tuple, layout, masks: np.ndarray, stream) -> Plan:
 
 
 def reducing_launch(items: int, stream) -> tuple:
-    """The launch configuration of a kernel that calls :func:`block_sum_pair`."""
+    """The launch configuration of a kernel that calls :func:`block_sums`."""
     blocks, threads = grid(items)
-    return blocks, threads, stream, 2 * threads * np.dtype(np.float64).itemsize
+    return blocks, threads, stream, _rule.SUMS * threads * np.dtype(np.float64).itemsize
 
 
 # -- drivers -------------------------------------------------------------------
@@ -470,7 +486,7 @@ def _launch(ws, gs, hyper, masks, rates, handle: int, update: bool) -> tuple[Pla
             w_tuple += padding
             g_tuple += padding
         launch = reducing_launch(group.chunks.shape[0], scratch.stream)
-        sums_of_chunks[launch](w_tuple, g_tuple, group.chunks, scratch.sums, scratch.ticket)
+        sums_of_chunks[launch](w_tuple, g_tuple, group.chunks, scratch.sums, scratch.ticket, hyper)
         if update:
             UPDATE_KERNELS["scale"][launch[:3]](
                 w_tuple, g_tuple, group.chunks, scratch.sums, hyper, stored
@@ -497,7 +513,7 @@ def trust_ratio(w, g, hyper, handle: int) -> float:
     total_row = plan.groups[0].chunks.shape[0]
     sums = scratch.sums[total_row].copy_to_host(stream=scratch.stream)
     scratch.stream.synchronize()
-    return _rule.rate_from_sums((float(sums[0]), float(sums[1])), hyper)
+    return _rule.rate_from_sums(tuple(float(value) for value in sums), hyper)
 
 
 def scale_all(ws, gs, hyper, masks: np.ndarray, rates, handle: int) -> None:

@@ -471,6 +471,31 @@ def half_rows(rounds: int) -> list[tuple[str, float, float]]:
     ]
 
 
+# -- the variants against the default -------------------------------------------
+
+#: The variants timed against the default rule: name, arguments of ``scale``.
+#: Each keeps the rate of a random pair near 1 (``||w||`` near ``||g||``), so
+#: that the gradient, scaled in place call after call, stays clear of subnormals.
+VARIANT_ARGUMENTS = {
+    "default": {},
+    "trust_coefficient": {"trust_coefficient": 1.0 + WEIGHT_DECAY},
+    'denominator="update"': {"denominator": "update"},
+    "clip_lr": {"clip_lr": 0.1},
+}
+
+
+def variant_rows(rounds: int, size: int = 10_000_000) -> list[tuple[str, float]]:
+    """Seconds per ``scale`` call of each variant at ``size`` float32 elements,
+    timed in the same rounds."""
+    w, g = random_pair(size)
+    candidates = {
+        name: functools.partial(lars_numba.scale, w, g, weight_decay=WEIGHT_DECAY, **arguments)
+        for name, arguments in VARIANT_ARGUMENTS.items()
+    }
+    times = interleaved(candidates, rounds)
+    return [(name, times[name]) for name in VARIANT_ARGUMENTS]
+
+
 # -- parallel beside a busy core ----------------------------------------------
 
 
@@ -605,6 +630,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'call':>10} {'float32':>9} {'float16':>9} {'f16/f32':>8}")
     for name, single, half in half_rows(args.rounds):
         print(f"{name:>10} {single * 1e3:>9.3f} {half * 1e3:>9.3f} {half / single:>8.2f}")
+
+    print("\nthe variants of the rule, scale at 1e7 float32 (medians, ms, timed in turn)")
+    variants = variant_rows(args.rounds)
+    default = variants[0][1]
+    print(f"{'variant':>22} {'ms':>9} {'/default':>9}")
+    for name, seconds in variants:
+        print(f"{name:>22} {seconds * 1e3:>9.3f} {seconds / default:>9.2f}")
 
     print("\nscale(parallel=True) and (parallel=False) quiet and beside a busy process, float32:")
     print("single calls in turn, median / 90th percentile in ms")

@@ -6,6 +6,8 @@ This is the only module of the package that imports chainer.
 from __future__ import annotations
 
 import fnmatch
+import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -15,7 +17,7 @@ import numpy as np
 
 from . import _api, _rule
 
-__all__ = ["FallbackWarning", "FusedGradientLARS", "GradientLARS"]
+__all__ = ["FallbackWarning", "FusedGradientLARS", "GradientLARS", "ndim_at_most"]
 
 #: What ``exclude`` and its finer variants take: patterns over parameter paths
 #: such as ``'/conv1/b'`` (:func:`fnmatch.fnmatchcase`, so ``'*/b'`` is every
@@ -30,21 +32,44 @@ class FallbackWarning(UserWarning):
 class _Hyperparameters:
     """The hyperparameters and the fallback that both hooks share."""
 
-    def __init__(self, threshold: float, weight_decay: float, eps: float, parallel: bool):
+    def __init__(
+        self,
+        threshold: float,
+        weight_decay: float,
+        eps: float,
+        parallel: bool,
+        trust_coefficient: float,
+        denominator: str,
+        clip: bool,
+    ):
         # Checked here to fail at construction rather than at the first update.
-        _api.hyperparameters(threshold, weight_decay, eps)
+        _api.hyperparameters(threshold, weight_decay, eps, trust_coefficient, denominator)
+        if not isinstance(clip, bool):
+            raise TypeError(f"clip must be a bool; got {type(clip).__name__}")
         self.threshold = threshold
         self.weight_decay = weight_decay
         self.eps = eps
+        self.trust_coefficient = trust_coefficient
+        self.denominator = denominator
+        self.clip = clip
         self.parallel = parallel
         self._warned = False
 
-    def _hyper(self) -> _api.Hyperparameters:
-        return _api.hyperparameters(self.threshold, self.weight_decay, self.eps)
+    def _hyper(self, lr: Callable[[], float]) -> _api.Hyperparameters:
+        """The hyperparameters; with ``clip``, LARC's clipping at ``lr()``."""
+        return _api.hyperparameters(
+            self.threshold,
+            self.weight_decay,
+            self.eps,
+            self.trust_coefficient,
+            self.denominator,
+            lr() if self.clip else None,
+        )
 
     def _fall_back(
         self,
         param: chainer.Parameter,
+        hyper: _api.Hyperparameters,
         *,
         decays: bool = True,
         adapts: bool = True,
@@ -65,10 +90,10 @@ class _Hyperparameters:
                 FallbackWarning,
                 stacklevel=3,
             )
-        hyper = _rule.masked(self._hyper(), decays, adapts)
+        hyper = _rule.masked(hyper, decays, adapts)
         g = param.grad
         w64, g64 = (array.astype(np.float64) for array in (param.array, g))
-        sums = tuple(float(term.sum()) for term in _rule.norm_terms(w64, g64))
+        sums = tuple(float(term.sum()) for term in _rule.norm_terms(hyper, w64, g64))
         _, scaled = _rule.scaled_gradient(_rule.rate_from_sums(sums, hyper), hyper, w64, g64)
         g[...] = scaled
 
@@ -119,10 +144,18 @@ class GradientLARS(_Hyperparameters):
         matrix products, and a parallel kernel called right after one waited
         6 to 11 ms for a core on 2 cores, against 0.15 ms when idle. An
         addition to Chainer's constructor.
+    trust_coefficient, denominator : optional
+        As for :func:`lars_numba.scale`: the paper's :math:`\\eta`, and
+        ``"update"`` for the norm of the decayed gradient (:doc:`/variants`).
+        Additions to Chainer's constructor, keyword-only.
+    clip : bool, optional
+        LARC's clipping, ``min(rate / lr, 1)``, with the learning rate of the
+        update rule (``rule.hyperparam.lr``) read at every call, so that
+        learning-rate schedules apply.
 
     Attributes
     ----------
-    threshold, weight_decay, eps : float
+    threshold, weight_decay, eps, trust_coefficient, denominator, clip
         As above; they are read at every call, so they may be changed
         between updates.
     name : str
@@ -164,17 +197,23 @@ class GradientLARS(_Hyperparameters):
         weight_decay: float = 0.0,
         eps: float = 1e-9,
         parallel: bool = False,
+        *,
+        trust_coefficient: float = 1.0,
+        denominator: str = "sum",
+        clip: bool = False,
     ):
-        super().__init__(threshold, weight_decay, eps, parallel)
+        super().__init__(
+            threshold, weight_decay, eps, parallel, trust_coefficient, denominator, clip
+        )
 
     def __call__(self, rule: chainer.UpdateRule | None, param: chainer.Parameter) -> None:
         w, g = param.array, param.grad
         if w is None or g is None:
             return
+        hyper = self._hyper(lambda: _learning_rate(rule))
         if not (_api.accepts(w) and _api.accepts(g)):
-            self._fall_back(param)
+            self._fall_back(param, hyper)
             return
-        hyper = self._hyper()
         if isinstance(w, np.ndarray):
             _api.scale(w, g, hyper, self.parallel)
             return
@@ -220,12 +259,15 @@ class FusedGradientLARS(_Hyperparameters):
         :class:`~chainer.training.extensions.PlotReport` can log and plot
         them. Parameters that take the fallback arithmetic are not
         reported. Off by default, and then it costs nothing.
-    parallel : bool, optional
+    parallel, trust_coefficient, denominator : optional
         As for :class:`GradientLARS`.
+    clip : bool, optional
+        LARC's clipping, ``min(rate / lr, 1)``, with the optimizer's learning
+        rate (``optimizer.lr``) read at every call.
 
     Attributes
     ----------
-    threshold, weight_decay, eps, report : float or bool
+    threshold, weight_decay, eps, trust_coefficient, denominator, clip, report
         As above; read at every call.
     name : str
         ``'FusedGradientLARS'``, the default name of the registration.
@@ -276,8 +318,13 @@ class FusedGradientLARS(_Hyperparameters):
         exclude_from_adaptation: Exclusion = None,
         report: bool = False,
         parallel: bool = False,
+        trust_coefficient: float = 1.0,
+        denominator: str = "sum",
+        clip: bool = False,
     ):
-        super().__init__(threshold, weight_decay, eps, parallel)
+        super().__init__(
+            threshold, weight_decay, eps, parallel, trust_coefficient, denominator, clip
+        )
         self.report = report
         self._exclusions = tuple(
             _exclusion(name, value)
@@ -295,7 +342,7 @@ class FusedGradientLARS(_Hyperparameters):
                 "FusedGradientLARS is called once per update with the optimizer: register it "
                 "with optimizer.add_hook, or use GradientLARS with update_rule.add_hook"
             )
-        hyper = self._hyper()
+        hyper = self._hyper(lambda: _learning_rate(optimizer))
         groups: dict[str, _Group] = {}
         for path, param in optimizer.target.namedparams():
             # An uninitialized parameter refuses to give its gradient: ask in order.
@@ -311,7 +358,7 @@ class FusedGradientLARS(_Hyperparameters):
             elif _api.accepts(w) and _api.accepts(g):
                 device = param.device.name
             else:
-                self._fall_back(param, decays=rule[0], adapts=rule[1])
+                self._fall_back(param, hyper, decays=rule[0], adapts=rule[1])
                 continue
             group = groups.get(device)
             if group is None:
@@ -358,6 +405,52 @@ class _Group:
         self.ws.append(w)
         self.gs.append(g)
         self.rules.append(rule)
+
+
+def _learning_rate(owner: object) -> float:
+    """The learning rate that ``clip=True`` clips at: ``owner.hyperparam.lr`` of an
+    update rule, or ``owner.lr`` of an optimizer, read at every call so that
+    learning-rate schedules apply."""
+    lr = getattr(getattr(owner, "hyperparam", owner), "lr", None)
+    if lr is None:
+        raise TypeError(
+            "clip=True needs the learning rate, the update rule's hyperparam.lr or the "
+            f"optimizer's lr; got {type(owner).__name__} without one"
+        )
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise TypeError(f"clip=True needs a real learning rate; got {type(lr).__name__}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"clip=True needs a finite learning rate > 0; got {lr!r}")
+    return lr
+
+
+def ndim_at_most(n: int) -> Callable[[str, chainer.Parameter], bool]:
+    """A predicate for ``exclude`` and its finer variants: parameters of at most ``n`` dimensions.
+
+    ``ndim_at_most(1)`` is the rule of MoCo v3 and BYOL: biases and the
+    scales and shifts of normalization layers get neither weight decay nor
+    adaptation. The pattern form names them instead, ``("*/b", "*/gamma",
+    "*/beta")`` for Chainer's links.
+
+    Examples
+    --------
+    >>> import chainer
+    >>> from lars_numba.chainer import FusedGradientLARS, ndim_at_most
+    >>> model = chainer.links.Linear(3, 2)
+    >>> hook = FusedGradientLARS(exclude=ndim_at_most(1))
+    >>> [path for path, param in model.namedparams() if ndim_at_most(1)(path, param)]
+    ['/b']
+    """
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int; got {type(n).__name__}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0; got {n}")
+
+    def at_most(path: str, param: chainer.Parameter) -> bool:
+        return param.ndim <= n
+
+    at_most.__qualname__ = f"ndim_at_most({n})"
+    return at_most
 
 
 def _exclusion(name: str, value: Exclusion) -> Callable[[str, chainer.Parameter], bool]:

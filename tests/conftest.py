@@ -45,3 +45,58 @@ def assert_matches_oracle(result, expected, dtype):
 @pytest.fixture(scope="session")
 def oracle():
     return lars_oracle
+
+
+# -- the other frameworks' rules, each written plainly from its published code --
+#
+# Each returns ``(rate, update)``: the factor applied to the gradient and the
+# gradient the optimizer's learning rate then multiplies, both float64.
+
+
+def _norms(w, g):
+    w64 = np.asarray(w, dtype=np.float64)
+    g64 = np.asarray(g, dtype=np.float64)
+    return w64, g64, np.sqrt(np.sum(w64 * w64)), np.sqrt(np.sum(g64 * g64))
+
+
+def apex_larc_oracle(w, g, lr, weight_decay=0.0, trust_coefficient=0.02, eps=1e-8, clip=True):
+    """NVIDIA apex, ``apex/parallel/LARC.py``, ``LARC.step``: the rate and the
+    weight decay apply only where both norms are non-zero; in clip mode the rate
+    is ``min(rate / lr, 1)``."""
+    w64, g64, w_norm, g_norm = _norms(w, g)
+    if w_norm == 0 or g_norm == 0:
+        return 1.0, g64
+    rate = trust_coefficient * w_norm / (g_norm + w_norm * weight_decay + eps)
+    if clip:
+        rate = min(rate / lr, 1.0)
+    return float(rate), rate * (g64 + weight_decay * w64)
+
+
+def timm_lars_oracle(
+    w, g, lr, weight_decay=0.0, trust_coeff=0.001, eps=1e-8, trust_clip=False, always_adapt=False
+):
+    """timm, ``timm/optim/lars.py``, ``Lars.step``: adapted only where weight decay is
+    non-zero or ``always_adapt``; rate 1 where either norm is zero; weight decay
+    added wherever it adapts; with ``trust_clip``, ``min(rate / lr, 1)``."""
+    w64, g64, w_norm, g_norm = _norms(w, g)
+    if not (weight_decay != 0 or always_adapt):
+        return 1.0, g64
+    rate = trust_coeff * w_norm / (g_norm + w_norm * weight_decay + eps)
+    rate = rate if w_norm > 0 and g_norm > 0 else 1.0
+    if trust_clip:
+        rate = min(rate / lr, 1.0)
+    return float(rate), rate * (g64 + weight_decay * w64)
+
+
+def optax_lars_oracle(w, g, weight_decay=0.0, trust_coefficient=0.001, eps=0.0):
+    """optax, ``optax/_src/alias.py``, ``lars``: ``add_decayed_weights`` then
+    ``scale_by_trust_ratio`` (``optax/_src/transform.py``): the ratio of the norm
+    of the weights to the norm of the decayed gradient, 1 where either is zero
+    (the learning rate and ``trace``, the momentum, follow)."""
+    w64, g64, w_norm, _ = _norms(w, g)
+    update = g64 + weight_decay * w64
+    update_norm = np.sqrt(np.sum(update * update))
+    if w_norm == 0 or update_norm == 0:
+        return 1.0, update
+    rate = trust_coefficient * w_norm / (update_norm + eps)
+    return float(rate), rate * update

@@ -321,7 +321,8 @@ def test_parallel_false_keeps_large_arrays_on_the_serial_kernels(monkeypatch, or
     def refuse(*args):
         raise AssertionError("the parallel kernels ran")
 
-    monkeypatch.setitem(_cpu._KERNELS["scale"], True, ((refuse, refuse),) * 2 + (refuse,))
+    for key, (serial, _) in list(_cpu._PAIR_KERNELS.items()):
+        monkeypatch.setitem(_cpu._PAIR_KERNELS, key, (serial, (refuse, refuse)))
     w = np.linspace(-1, 1, 2 * tunables.PARALLEL_MIN_SIZE)
     g = w[::-1].copy()
     _, expected = oracle(w, g, weight_decay=1e-4)

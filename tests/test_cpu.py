@@ -14,7 +14,7 @@ from numba import njit
 from test_api import laid_pairs
 
 import lars_numba
-from lars_numba import _cpu, _layout
+from lars_numba import _api, _cpu, _layout, _rule, tunables
 
 ALL_HALF_BITS = np.arange(1 << 16, dtype=np.uint16)
 
@@ -29,6 +29,58 @@ def decode_all(bits, out):
 def encode_all(values, out):
     for i in range(values.shape[0]):
         out[i] = _cpu.store(values[i], out)
+
+
+def sums_in_the_documented_order(values, chunk, lanes):
+    """The sum of ``values`` (float64) in the CPU engine's order, in plain Python:
+    each chunk's elements go to ``i % lanes`` in turn (the tail to lane 0), the
+    lanes are added up pairwise, and the chunks' sums in chunk order."""
+    total = 0.0
+    for start in range(0, len(values), chunk):
+        part = values[start : start + chunk].tolist()
+        whole = len(part) - len(part) % lanes
+        accumulators = [0.0] * lanes
+        for i in range(whole):
+            accumulators[i % lanes] += part[i]
+        for value in part[whole:]:
+            accumulators[0] += value
+        while len(accumulators) > 1:
+            pairs = zip(accumulators[::2], accumulators[1::2], strict=True)
+            accumulators = [a + b for a, b in pairs]
+        total += accumulators[0]
+    return total
+
+
+@pytest.mark.parametrize("size", [0, 5, 1000, 3 * tunables.CPU_CHUNK + 13])
+@pytest.mark.parametrize("denominator", ["sum", "update"])
+def test_the_sums_are_added_in_the_documented_order_on_every_path(size, denominator):
+    rng = np.random.default_rng(size)
+    w, g = rng.standard_normal(size), rng.standard_normal(size)
+    # No weight decay in "sum"'s denominator: the kernels may fuse its
+    # multiply-add, which the plain rate below would not.
+    weight_decay = 0.5 if denominator == "update" else 0.0
+    sums = [
+        sums_in_the_documented_order(terms, tunables.CPU_CHUNK, _cpu.LANES)
+        for terms in (w * w, g * g, (g + weight_decay * w) ** 2)
+    ]
+    hyper = _api.hyperparameters(0.0, weight_decay, 0.0, 1.0, denominator)
+    if denominator == "sum":
+        sums[2] = 0.0
+    expected = _rule.rate_from_sums(tuple(sums), hyper)
+    arguments = {"threshold": 0.0, "weight_decay": weight_decay, "eps": 0.0}
+    arguments["denominator"] = denominator
+    others = [np.ones(7), np.ones(tunables.CPU_CHUNK + 1)]
+    for parallel in (False, True):
+        assert lars_numba.trust_ratio(w, g, **arguments, parallel=parallel) == expected
+        rates = np.empty(3)
+        lars_numba.scale_all(
+            [others[0], w, others[1]],
+            [others[0].copy(), g.copy(), others[1].copy()],
+            **arguments,
+            rates=rates,
+            parallel=parallel,
+        )
+        assert rates[1] == expected
 
 
 def test_every_float16_bit_pattern_decodes_like_numpy():

@@ -396,6 +396,8 @@ def test_resnet50_shapes_are_torchvision_s_parameters():
 # -- many pairs in one call: scale_all -----------------------------------------
 
 TABLE_ROW = (HYPER["threshold"], HYPER["weight_decay"], HYPER["eps"])
+#: HYPER as the engine takes it, with the variants' defaults.
+ENGINE_HYPER = _api.hyperparameters(*TABLE_ROW)
 
 
 @pytest.fixture
@@ -444,7 +446,7 @@ def run_scale_all(
         )
     else:
         masks = _api.pair_masks(len(pairs), weight_decay_mask, trust_ratio_mask)
-        _cuda.scale_all(d_ws, d_gs, TABLE_ROW, masks, rates, handle)
+        _cuda.scale_all(d_ws, d_gs, ENGINE_HYPER, masks, rates, handle)
     table = masked_table(len(pairs), weight_decay_mask, trust_ratio_mask)
 
     expected_rates = []
@@ -716,8 +718,17 @@ def test_scale_all_reuses_its_tables_and_neither_allocates_nor_waits(
     for w, g, d_g in zip(ws, gs, d_gs, strict=True):
         assert_matches_oracle(d_g.copy_to_host(), oracle(w, g, **HYPER)[1], g.dtype)
 
-    # A new weight decay reuses the plan; new masks make another.
+    # A new weight decay reuses the plan, and so do a learning rate to clip at
+    # (a schedule's, changing every step) and the other variants, uploading
+    # nothing; new masks make another.
     lars_numba.scale_all(d_ws, d_gs, rates=rates, weight_decay=0.5)
+    with monkeypatch.context() as patch:
+        for name in ("device_array", "to_device", "synchronize"):
+            patch.setattr(cuda, name, forbidden)
+        for lr in (0.3, 0.2):
+            lars_numba.scale_all(
+                d_ws, d_gs, rates=rates, clip_lr=lr, trust_coefficient=0.1, denominator="update"
+            )
     assert len(_cuda._plans) == 1
     lars_numba.scale_all(d_ws, d_gs, rates=rates, weight_decay_mask=[True, False])
     assert len(_cuda._plans) == 2
@@ -728,7 +739,7 @@ def test_the_plan_cache_keeps_the_most_recent_plans(monkeypatch):
     monkeypatch.setattr(_cuda, "_plans", _cuda.OrderedDict())
     arrays = [cuda.to_device(np.ones(n, np.float32)) for n in range(1, tunables.PLANS_KEPT + 3)]
     for array in arrays:
-        _cuda.scale_all([array], [array], TABLE_ROW, np.ones((1, 2), np.uint8), None, 0)
+        _cuda.scale_all([array], [array], ENGINE_HYPER, np.ones((1, 2), np.uint8), None, 0)
     assert len(_cuda._plans) == tunables.PLANS_KEPT
     assert [key[4][0][1] for key in _cuda._plans] == list(range(3, tunables.PLANS_KEPT + 3))
 

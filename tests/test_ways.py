@@ -21,26 +21,26 @@ from lars_numba.chainer import FusedGradientLARS, GradientLARS  # noqa: E402
 HYPER = {"threshold": 1e-2, "weight_decay": 1e-3, "eps": 1e-9}
 
 
-def by_scale(w, g, parallel):
-    rate = lars_numba.trust_ratio(w, g, **HYPER, parallel=parallel)
-    lars_numba.scale(w, g, **HYPER, parallel=parallel)
+def by_scale(w, g, parallel, hyper=HYPER):
+    rate = lars_numba.trust_ratio(w, g, **hyper, parallel=parallel)
+    lars_numba.scale(w, g, **hyper, parallel=parallel)
     return g, rate
 
 
-def by_scale_all(w, g, parallel):
+def by_scale_all(w, g, parallel, hyper=HYPER):
     rates = np.empty(1)
-    lars_numba.scale_all([w], [g], **HYPER, rates=rates, parallel=parallel)
+    lars_numba.scale_all([w], [g], **hyper, rates=rates, parallel=parallel)
     return g, rates[0]
 
 
-def by_scale_all_among_others(w, g, parallel):
+def by_scale_all_among_others(w, g, parallel, hyper=HYPER):
     # Other pairs of the same dtype before and after, large and small.
     rng = np.random.default_rng(7)
     others = [rng.standard_normal(size).astype(w.dtype) for size in (3, 2 * tunables.CPU_CHUNK + 1)]
     ws = [others[0], w, others[1]]
     gs = [others[0].copy(), g, others[1].copy()]
     rates = np.empty(3)
-    lars_numba.scale_all(ws, gs, **HYPER, rates=rates, parallel=parallel)
+    lars_numba.scale_all(ws, gs, **hyper, rates=rates, parallel=parallel)
     return g, rates[1]
 
 
@@ -52,46 +52,57 @@ def _model(w, g):
     return model
 
 
-def by_gradient_lars(w, g, parallel):
+def hook_arguments(hyper):
+    """``scale``'s keyword arguments as a hook's, and the learning rate its
+    optimizer needs: ``clip_lr`` is ``clip=True`` at the optimizer's rate."""
+    arguments = {name: value for name, value in hyper.items() if name != "clip_lr"}
+    clip_lr = hyper.get("clip_lr")
+    return {**arguments, "clip": clip_lr is not None}, 1.0 if clip_lr is None else clip_lr
+
+
+def by_gradient_lars(w, g, parallel, hyper=HYPER):
     model = _model(w, g)
-    GradientLARS(**HYPER, parallel=parallel)(None, model.p)
+    arguments, lr = hook_arguments(hyper)
+    chainer.optimizers.SGD(lr=lr).setup(model)
+    GradientLARS(**arguments, parallel=parallel)(model.p.update_rule, model.p)
     return model.p.grad, None
 
 
-def by_fused_gradient_lars(w, g, parallel):
+def by_fused_gradient_lars(w, g, parallel, hyper=HYPER):
     model = _model(w, g)
-    optimizer = chainer.optimizers.SGD().setup(model)
+    arguments, lr = hook_arguments(hyper)
+    optimizer = chainer.optimizers.SGD(lr=lr).setup(model)
     reporter = chainer.Reporter()
     observation = {}
     with reporter.scope(observation):
-        FusedGradientLARS(**HYPER, report=True, parallel=parallel)(optimizer)
+        FusedGradientLARS(**arguments, report=True, parallel=parallel)(optimizer)
     return model.p.grad, observation["lars/p"]
 
 
 def on_device(scale_with):
     """A way to scale on the GPU: host arrays copied there and the result back."""
 
-    def run(w, g, parallel):
+    def run(w, g, parallel, hyper=HYPER):
         from numba import cuda
 
         d_w, d_g = cuda.to_device(w), cuda.to_device(g)
-        rate = scale_with(d_w, d_g)
+        rate = scale_with(d_w, d_g, hyper)
         return d_g.copy_to_host(), rate
 
     return run
 
 
-def gpu_scale(d_w, d_g):
-    rate = lars_numba.trust_ratio(d_w, d_g, **HYPER)
-    lars_numba.scale(d_w, d_g, **HYPER)
+def gpu_scale(d_w, d_g, hyper):
+    rate = lars_numba.trust_ratio(d_w, d_g, **hyper)
+    lars_numba.scale(d_w, d_g, **hyper)
     return rate
 
 
-def gpu_scale_all(d_w, d_g):
+def gpu_scale_all(d_w, d_g, hyper):
     from numba import cuda
 
     rates = cuda.to_device(np.zeros(1))
-    lars_numba.scale_all([d_w], [d_g], **HYPER, rates=rates)
+    lars_numba.scale_all([d_w], [d_g], **hyper, rates=rates)
     return rates.copy_to_host()[0]
 
 

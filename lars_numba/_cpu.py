@@ -260,6 +260,10 @@ LANES = 8
 #: with the flags of the kernel that first calls it.
 STRICT_OPTIONS = {"nogil": True, "error_model": "numpy", "fastmath": False}
 
+# A function that Numba inlines brings its own flags along: the rule's terms,
+# compiled strict for the sums' loops.
+strict_norm_terms = njit(inline="always", **STRICT_OPTIONS)(_rule.norm_terms)
+
 
 @intrinsic
 def vector_lanes(typingctx, w, g, weight_decay, count):
@@ -267,10 +271,10 @@ def vector_lanes(typingctx, w, g, weight_decay, count):
     whole blocks of ``LANES`` elements of the 1-d C-contiguous ``w`` and ``g``: a
     tuple of ``count * LANES``, sum by sum.
 
-    The loop of :func:`scalar_lanes` written with LLVM's vector types, which
+    The loop of ``_scalar_lanes`` written with LLVM's vector types, which
     Numba's loops do not reach without ``reassoc``: the same operations in the
-    same order (the terms as ``_rule.norm_terms`` writes them), four times
-    faster.
+    same order (the terms as ``_rule.norm_terms`` writes them), about three
+    times faster (15 against 50 us for a chunk of 65 536 float32 pairs).
     """
     if not isinstance(count, types.IntegerLiteral):
         return None  # Numba asks again with the constant's value
@@ -344,10 +348,7 @@ def _scalar_lanes(count: int):
         )
         lines += [f"        s{k}_{lane} += t[{k}]" for k in range(count)]
     lines.append(f"    return ({', '.join(lanes)},)")
-    # A function that Numba inlines brings its own fastmath flags along: the
-    # rule's terms, compiled strict here too.
-    namespace = {"norm_terms": njit(inline="always", **STRICT_OPTIONS)(_rule.norm_terms)}
-    namespace["load"] = load
+    namespace = {"norm_terms": strict_norm_terms, "load": load}
     exec("\n".join(lines), namespace)
     return njit(**STRICT_OPTIONS)(namespace["scalar_lanes"])
 
@@ -389,11 +390,7 @@ def _sums_loop(count: int):
         scalar = _SCALAR_LANES[count]
         return lambda hyper, w, g: scalar(hyper, w, g)
 
-    namespace = {
-        "norm_terms": njit(inline="always", **STRICT_OPTIONS)(_rule.norm_terms),
-        "load": load,
-        "block_lanes": block_lanes,
-    }
+    namespace = {"norm_terms": strict_norm_terms, "load": load, "block_lanes": block_lanes}
     exec("\n".join(lines), namespace)
     return njit(**STRICT_OPTIONS)(namespace["sums_loop"])
 
@@ -407,9 +404,8 @@ def chunk_sums(hyper, w, g):
     """The sums of :func:`lars_numba._rule.norm_terms` over 1-d ``w`` and ``g``."""
     if hyper[_rule.DENOMINATOR]:
         return _ALL_SUMS(hyper, w, g)
-    # The denominator "sum" needs two sums, and a loop of its own: with a
-    # third accumulator LLVM interleaves the vectorized loop otherwise, which
-    # adds the terms in another order and moves the rates by an ulp.
+    # The denominator "sum" needs the first two sums only: a loop that skips
+    # the third's work (the first two come out the same in both loops).
     w_sq, g_sq = _SUMS_OF_THE_SUM(hyper, w, g)
     return (w_sq, g_sq, 0.0)
 
@@ -466,8 +462,8 @@ def store_sums(partial, index, sums):
         partial[index, k] = sums[k]
 
 
-# Compiled apart, with STRICT_OPTIONS: the flags of a function that Numba
-# inlines are its caller's.
+# Compiled apart with STRICT_OPTIONS, so that the rows are added in row order
+# whatever kernel calls it.
 @njit(**STRICT_OPTIONS)
 def total_in_order(partial, first, end):
     """The sum of the rows ``first:end`` of ``partial``, added in row order."""

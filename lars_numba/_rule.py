@@ -67,7 +67,7 @@ def hyperparameters(
     ):
         return (threshold, weight_decay, eps, 1.0, 0.0, 0.0)
     values = (threshold, weight_decay, eps, trust_coefficient)
-    for name, value in zip(HYPERPARAMETERS, values, strict=False):
+    for name, value in zip(HYPERPARAMETERS[: len(values)], values, strict=True):
         _check_real(name, value)
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be finite and >= 0; got {value!r}")

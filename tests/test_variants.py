@@ -15,12 +15,19 @@ import numpy as np
 import pytest
 from conftest import (
     apex_larc_oracle,
-    assert_matches_oracle,
     lars_oracle,
     optax_lars_oracle,
     timm_lars_oracle,
 )
-from test_ways import CPU_WAYS, GPU_WAYS, gpu_scale, gpu_scale_all, hook_arguments
+from test_ways import (
+    CPU_WAYS,
+    GPU_WAYS,
+    assert_way_matches,
+    gpu_scale,
+    gpu_scale_all,
+    hook_arguments,
+    small_gpu_grid,
+)
 
 import lars_numba
 from lars_numba import tunables
@@ -100,13 +107,7 @@ def bases(layout, dtype, seed=0):
 
 
 def assert_matches(scaled, rate, expected, dtype):
-    expected_rate, expected_g = expected
-    if dtype == np.float64:
-        np.testing.assert_allclose(scaled, expected_g, rtol=1e-12)
-    else:
-        assert_matches_oracle(scaled, expected_g, dtype)
-    if rate is not None:
-        assert rate == pytest.approx(expected_rate, rel=1e-12)
+    assert_way_matches(scaled, rate, expected, dtype, rtol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
@@ -130,9 +131,7 @@ def test_every_variant_matches_its_framework_on_the_gpu(
 ):
     from numba import cuda
 
-    for tunable, value in (("THREADS_PER_BLOCK", 8), ("MIN_BLOCKS", 1), ("MAX_BLOCKS", 3)):
-        monkeypatch.setattr(tunables, tunable, value)
-    monkeypatch.setattr(tunables, "GPU_CHUNK", 64)
+    small_gpu_grid(monkeypatch)
     hyper, framework = variant
     w_base, g_base = bases(layout, dtype)
     view = LAYOUTS[layout][2]

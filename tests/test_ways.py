@@ -142,23 +142,35 @@ WAYS_AND_SIZES = [(name, size) for name in CPU_WAYS for size in SIZES]
 WAYS_AND_SIZES += [(name, size) for name in GPU_WAYS for size in SIZES[:3]]
 
 
+def small_gpu_grid(monkeypatch):
+    """The smallest grid, for the simulator's thread per GPU thread."""
+    for tunable, value in (("THREADS_PER_BLOCK", 8), ("MIN_BLOCKS", 1), ("MAX_BLOCKS", 3)):
+        monkeypatch.setattr(tunables, tunable, value)
+    monkeypatch.setattr(tunables, "GPU_CHUNK", 64)
+
+
+def assert_way_matches(scaled, rate, expected, dtype, rtol):
+    """A way's scaled gradient and rate (``None``: not told) against an oracle's
+    ``(rate, g')``: to a few ulps of ``dtype``, and to ``rtol`` in float64, where
+    the sums are added in another order than the oracle's."""
+    expected_rate, expected_g = expected
+    if dtype == np.float64:
+        np.testing.assert_allclose(scaled, expected_g, rtol=rtol)
+    else:
+        assert_matches_oracle(scaled, expected_g, dtype)
+    if rate is not None:
+        assert rate == pytest.approx(expected_rate, rel=rtol)
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize(("name", "size"), WAYS_AND_SIZES)
 def test_every_way_matches_the_oracle(name, size, dtype, oracle, monkeypatch):
     if name in GPU_WAYS:
-        for tunable, value in (("THREADS_PER_BLOCK", 8), ("MIN_BLOCKS", 1), ("MAX_BLOCKS", 3)):
-            monkeypatch.setattr(tunables, tunable, value)
-        monkeypatch.setattr(tunables, "GPU_CHUNK", 64)
+        small_gpu_grid(monkeypatch)
     w, g = pair(size, dtype)
-    rate, expected = oracle(w, g, **HYPER)
     scaled, got = {**CPU_WAYS, **GPU_WAYS}[name](w, g.copy(), True)
-    if dtype == np.float64:
-        # Float64 sums of 2e5 terms, added in another order than the oracle's.
-        np.testing.assert_allclose(scaled, expected, rtol=1e-11)
-    else:
-        assert_matches_oracle(scaled, expected, dtype)
-    if got is not None:
-        assert got == pytest.approx(rate, rel=1e-11)
+    # Float64 sums of 2e5 terms: 1e-11.
+    assert_way_matches(scaled, got, oracle(w, g, **HYPER), dtype, rtol=1e-11)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])

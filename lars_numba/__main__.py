@@ -1,4 +1,5 @@
-"""``python -m lars_numba {demo,bench}``: the training demo or the benchmark table."""
+"""``python -m lars_numba {demo,bench}``: the training demo or the benchmark table
+(``bench --gpu``: the GPU table)."""
 
 import sys
 
@@ -9,6 +10,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("usage: python -m lars_numba {demo,bench} [options]")
     if argv[0] == "demo":
         from .demo import main as run
+    elif argv[1:2] == ["--gpu"]:
+        from .bench_gpu import main as run
+
+        argv = argv[1:]
     else:
         from .bench import main as run
     run(argv[1:])

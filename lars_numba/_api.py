@@ -89,8 +89,8 @@ def on_gpu(array: object) -> bool:
 def _device_pair(w, g, *, writes_g: bool):
     """``w`` and ``g`` as Numba device arrays, after the checks of :func:`check_pair`.
 
-    Also returns the handle of the stream to run on, chosen by
-    :func:`lars_numba._cuda.caller_stream`.
+    Also returns the streams to run on and wait for, chosen by
+    :func:`lars_numba._cuda.caller_streams`.
     """
     if accepts(w) and accepts(g) and not (on_gpu(w) and on_gpu(g)):
         raise TypeError(
@@ -98,22 +98,25 @@ def _device_pair(w, g, *, writes_g: bool):
             f"w on the {_device_name(w)} ({type(w).__name__}) and "
             f"g on the {_device_name(g)} ({type(g).__name__})"
         )
-    w_device, g_device = _device_arrays(w, g, writes_g=writes_g)
-    return w_device, g_device, _gpu_module().caller_stream(w, g)
+    w_device, g_device, handles = _device_arrays(w, g, writes_g=writes_g)
+    return w_device, g_device, _gpu_module().caller_streams(handles)
 
 
 def _device_arrays(w, g, *, writes_g: bool, names: tuple[str, str] = ("w", "g")):
-    """``w`` and ``g`` as Numba device arrays, after the checks of :func:`check_pair`.
+    """``w`` and ``g`` as Numba device arrays, after the checks of :func:`check_pair`,
+    and the streams of their interfaces, ``g``'s first (``None`` where unset).
 
     ``names`` are their names in the messages, as for :func:`check_pair`.
     """
     gpu = _gpu_module()
     # An object that is no array at all is left for check_pair to name.
-    w_device, g_device = (gpu.as_device_array(a) if on_gpu(a) else a for a in (w, g))
+    (w_device, w_stream), (g_device, g_stream) = (
+        gpu.as_device_array(a) if on_gpu(a) else (a, None) for a in (w, g)
+    )
     check_pair(w_device, g_device, writes_g=False, names=names)
     if writes_g:
         _refuse_read_only_interface(names[1], g)
-    return w_device, g_device
+    return w_device, g_device, (g_stream, w_stream)
 
 
 def _refuse_read_only_interface(name: str, array: object) -> None:
@@ -208,18 +211,19 @@ def scale_all(
             f"got {cpu} on the CPU and {gpu} on the GPU"
         )
     gpu = _gpu_module()
-    # Read from the arrays as given: a converted array forgets its interface's stream.
-    handle = gpu.caller_stream(ws[0], gs[0]) if ws else 0
     pairs = [
         _device_arrays(w, g, writes_g=True, names=(f"ws[{i}]", f"gs[{i}]"))
         for i, (w, g) in enumerate(zip(ws, gs, strict=True))
     ]
+    handles = [handle for _, _, pair_handles in pairs for handle in pair_handles]
     if rates is not None:
         _refuse_read_only_interface("rates", rates)
         # An object that is no array at all is left for _check_rates to name.
-        rates = gpu.as_device_array(rates) if on_gpu(rates) else rates
+        rates, rates_stream = gpu.as_device_array(rates) if on_gpu(rates) else (rates, None)
         _check_rates(rates, len(ws))
-    gpu.scale_all([w for w, _ in pairs], [g for _, g in pairs], hyper, masks, rates, handle)
+        handles.append(rates_stream)
+    streams = gpu.caller_streams(handles)
+    gpu.scale_all([p[0] for p in pairs], [p[1] for p in pairs], hyper, masks, rates, streams)
 
 
 def _array_sequence(name: str, value: object) -> list:

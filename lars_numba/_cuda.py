@@ -14,11 +14,12 @@ apex's ``multi_tensor_apply`` does):
    :data:`lars_numba.tunables.GPU_CHUNK` elements that the blocks share out,
    so that one block's work does not depend on the size of the array it
    comes from. Each chunk's sums go to its row of a scratch array; the block
-   that finishes a pair's last chunk (a ticket per pair decides which) adds up
-   the pair's rows in a fixed order, once, into the pair's total, and resets
-   the ticket for the next call. So the scratch needs no zeroing launch, and
-   the totals do not depend on the order in which blocks finish, as they
-   would with floating-point atomics.
+   that finishes a pair's last chunk (a ticket per pair, counting modulo the
+   pair's chunks, decides which) adds up the pair's rows in a fixed order,
+   once, into the pair's total, and leaves the ticket at 0 for the next call.
+   So the scratch needs no zeroing launch, and the totals do not depend on
+   the order in which blocks finish, as they would with floating-point
+   atomics.
 2. :func:`update_chunks` has each block compute its pair's rate from the
    total and update its chunk; the block with the pair's first chunk stores
    the rate, if asked.
@@ -33,6 +34,13 @@ millions of terms, while on a memory-bound loop the float64 arithmetic hides
 behind the loads on a data-centre GPU (an H100's float64 rate is half its
 float32 rate). It also makes the rate agree with the CPU path to a few ulps.
 
+No kernel or device function here is compiled with ``fastmath``, and the
+CPU engine's flags never reach them: the rule's functions are plain Python,
+compiled here by ``cuda.jit(device=True)``. So NVVM's defaults apply: IEEE
+division and square root, subnormals kept, NaN and Inf honoured, and
+multiply-adds contracted into FMAs (the one way a GPU's update may differ
+from the CPU's, by an ulp).
+
 Kernels are compiled on first use, once per dtype and layout, and cached on
 disk (``cache=True``) with :data:`lars_numba._rule.SOURCE_DIGEST` in their
 closure, so that a change of the rule compiles them anew.
@@ -46,7 +54,7 @@ from collections import OrderedDict
 from typing import NamedTuple
 
 import numpy as np
-from numba import cuda, float64
+from numba import cuda, float64, uint32
 from numba.cuda.core import config
 
 from . import _layout, _rule, tunables
@@ -133,8 +141,8 @@ def sums_of_range(hyper, w, g, start, stop, step):
     """The sums of :func:`lars_numba._rule.norm_terms` over ``range(start, stop, step)``."""
     sums = ZERO_SUMS
     for i in range(start, stop, step):
-        terms = norm_terms(hyper, float64(w[unravel(i, w.shape)]), float64(g[unravel(i, g.shape)]))
-        sums = add_sums(sums, terms)
+        index = unravel(i, w.shape)  # g has the shape of w
+        sums = add_sums(sums, norm_terms(hyper, float64(w[index]), float64(g[index])))
     return sums
 
 
@@ -151,21 +159,28 @@ def sums_row(sums, row):
 def add_up_partials(shared, sums, row, partial, ticket, slot, first, end, total_row):
     """Store a block's sums ``partial`` in ``sums[row]``; the last of ``first:end`` adds up.
 
-    ``ticket[slot]`` counts the rows of ``sums[first:end]`` stored so far. The
-    block that stores the last writes their total, added in a fixed order, to
-    ``sums[total_row]`` and resets the ticket. Every thread of the block must
-    call this, as it synchronizes the block.
+    ``ticket[slot]`` counts the rows of ``sums[first:end]`` stored so far,
+    modulo their number. The block that stores the last writes their total,
+    added in a fixed order, to ``sums[total_row]``. Every thread of the block
+    must call this, as it synchronizes the block.
     """
     last = cuda.shared.array(1, np.int32)
     if cuda.threadIdx.x == 0:
         for k in range(len(partial)):
             sums[row, k] = partial[k]
-        # The partials must be visible to every block before the ticket says
-        # they are there (the memory-fence example of the CUDA guide).
+        # Release: the partials are visible to every block before the ticket
+        # says they are there (the memory-fence example of the CUDA guide).
         cuda.threadfence()
-        last[0] = cuda.atomic.add(ticket, slot, 1) == end - first - 1
+        # The increment wraps to 0 at the last row, so the ticket is ready for
+        # the next call with no store, which could wipe out another kernel's
+        # increment and leave every later call adding stale rows.
+        rows = uint32(end - first)
+        last[0] = cuda.atomic.inc(ticket, slot, rows - uint32(1)) == rows - uint32(1)
     cuda.syncthreads()
     if last[0]:
+        # Acquire, in every thread that reads the rows: without it the loads
+        # below may be served stale lines from this SM's L1 cache.
+        cuda.threadfence()
         total = ZERO_SUMS
         for other in range(first + cuda.threadIdx.x, end, cuda.blockDim.x):
             total = add_sums(total, sums_row(sums, other))
@@ -173,7 +188,6 @@ def add_up_partials(shared, sums, row, partial, ticket, slot, first, end, total_
         if cuda.threadIdx.x == 0:
             for k in range(len(total)):
                 sums[total_row, k] = total[k]
-            ticket[slot] = 0
     # Every thread has read ``shared`` before a caller's next reduction writes it.
     cuda.syncthreads()
 
@@ -259,13 +273,12 @@ def _update_kernel(update: int):
             w = ws[slot]
             g = gs[slot]
             for i in range(chunks[chunk, 1] + thread, chunks[chunk, 2], cuda.blockDim.x):
-                w_index = unravel(i, w.shape)
-                g_index = unravel(i, g.shape)
-                values = function(rate, pair_hyper, float64(w[w_index]), float64(g[g_index]))
+                index = unravel(i, w.shape)  # g has the shape of w
+                values = function(rate, pair_hyper, float64(w[index]), float64(g[index]))
                 if written[0]:
-                    w[w_index] = values[0]
+                    w[index] = values[0]
                 if written[1]:
-                    g[g_index] = values[1]
+                    g[index] = values[1]
 
     return update_chunks
 
@@ -274,51 +287,58 @@ def _update_kernel(update: int):
 UPDATE_KERNELS = {name: _update_kernel(number) for number, name in enumerate(_rule.UPDATES)}
 
 
-# -- streams and scratch -------------------------------------------------------
+# -- streams -------------------------------------------------------------------
 
 
-def as_device_array(array):
-    """``array`` as a Numba device array over the same memory: no copy, no sync.
+def as_device_array(array) -> tuple:
+    """``array`` as a Numba device array over the same memory, and its interface's stream.
 
-    Numba's own device arrays (the simulator's included) pass through; any
-    other object is read through its ``__cuda_array_interface__``.
+    No copy, no synchronization. Numba's own device arrays (the simulator's
+    included) pass through, with no stream; any other object is read through
+    its ``__cuda_array_interface__``, once, and its ``stream`` entry (``None``
+    when unset) comes back for :func:`caller_streams`.
     """
     if getattr(array, "__cuda_ndarray__", False):
-        return array
-    # No synchronization on the interface's stream: the kernels are enqueued
-    # on it (see ``caller_stream``), which orders them after the producer.
-    return cuda.as_cuda_array(array, sync=False)
+        return array, None
+    interface = array.__cuda_array_interface__
+    # No synchronization on the interface's stream: the launch stream waits
+    # for it on the device (see ``caller_streams``).
+    device_array = cuda.from_cuda_array_interface(interface, owner=array, sync=False)
+    return device_array, interface.get("stream")
 
 
-def caller_stream(w, g) -> int:
-    """The handle of the stream the caller's work on ``w`` and ``g`` is on.
+class Streams(NamedTuple):
+    """Where a call's kernels run, and what they wait for first."""
 
-    CuPy's current stream if CuPy is imported (Chainer's GPU work runs there);
-    otherwise the ``stream`` entry of ``g``'s, then ``w``'s
-    ``__cuda_array_interface__`` (version 3), where present; otherwise 0, the
-    default stream. Handles 1 and 2 are the legacy and per-thread default
-    streams, as in the interface.
+    launch: int  #: the handle of the stream the kernels are enqueued on
+    waits: tuple[int, ...]  #: the arrays' other streams, which the launch stream waits for
+
+
+def _same_stream(handle: int) -> int:
+    """``handle``, with both names of the legacy default stream, 0 and 1, made 0."""
+    return 0 if handle == 1 else handle
+
+
+def caller_streams(handles) -> Streams:
+    """The streams of a call whose arrays' interfaces name ``handles``, in order of preference.
+
+    ``None`` is an array without a stream. The launch stream is CuPy's
+    current stream if CuPy is imported (Chainer's GPU work runs there),
+    otherwise the first handle given, otherwise 0, the legacy default stream.
+    Every other stream named is a producer's that the interface (version 3)
+    asks the consumer to order its work after: the launch stream waits for
+    an event recorded on it, on the device, with no host synchronization.
+    Handles 1 and 2 are the legacy and per-thread default streams, as in the
+    interface.
     """
+    named = [handle for handle in handles if handle is not None]
     cupy = sys.modules.get("cupy")
     if cupy is not None:
-        return cupy.cuda.get_current_stream().ptr
-    for array in (g, w):
-        interface = getattr(array, "__cuda_array_interface__", None)
-        if interface is not None and interface.get("stream") is not None:
-            return interface["stream"]
-    return 0
-
-
-class Scratch(NamedTuple):
-    """The device memory one stream's calls reuse."""
-
-    stream: object  #: the Numba stream for the handle
-    sums: object  #: float64, (rows, SUMS): each chunk's partial sums, then each pair's totals
-    ticket: object  #: uint32, (TUPLE_WIDTH,): chunks done of each pair; 0 between calls
-
-
-_scratch: dict[tuple[object, int], Scratch] = {}
-_scratch_lock = threading.Lock()
+        launch = cupy.cuda.get_current_stream().ptr
+    else:
+        launch = named[0] if named else 0
+    others = (handle for handle in named if _same_stream(handle) != _same_stream(launch))
+    return Streams(launch, tuple(dict.fromkeys(others)))
 
 
 def _numba_stream(handle: int):
@@ -329,27 +349,104 @@ def _numba_stream(handle: int):
     return cuda.external_stream(handle)
 
 
-def scratch_for(handle: int, rows: int) -> Scratch:
-    """The scratch of the stream ``handle`` on the current device, of ``rows`` rows at least.
+def _new_event():
+    """An event for ordering work, without timing (the simulator's take no options)."""
+    return cuda.event() if config.ENABLE_CUDASIM else cuda.event(timing=False)
 
-    Made once per device and stream (and again if it must grow), then
-    reused: calls on one stream run in order, so they never use it at once.
+
+def _completed(event) -> bool:
+    """Whether the GPU has passed ``event``; under the simulator, whose launches
+    are synchronous and whose events cannot be queried, it always has."""
+    return bool(config.ENABLE_CUDASIM) or event.query()
+
+
+# -- the memory queued kernels use ----------------------------------------------
+#
+# One lock is held while a call enqueues its launches, so that two host
+# threads on one stream cannot interleave them (sums A, sums B, update A,
+# update B would scale A with B's rate). Kernels on different streams may run
+# at once, so each stream has scratch of its own; the per-thread default
+# stream (handle 2) is a different stream in each host thread, so there the
+# scratch is the thread's. Buffers dropped from the caches (an evicted plan,
+# scratch that grew or whose stream was evicted) may still be read by queued
+# kernels: they are kept, with events recorded after their last use, until
+# the events complete. With Numba's default allocator freeing them early
+# would stall the device; with a pooled one (RMM, CuPy's) their memory could
+# be handed out and overwritten while the kernels read it.
+
+
+class Scratch(NamedTuple):
+    """The device memory that one stream's calls reuse."""
+
+    stream: object  #: the Numba stream
+    sums: object  #: float64, (rows, SUMS): each chunk's partial sums, then each pair's totals
+    ticket: object  #: uint32, (TUPLE_WIDTH,): chunks done of each pair, modulo their number
+    event: object  #: recorded on ``stream`` after each call's last launch
+
+
+_lock = threading.Lock()
+_scratch: OrderedDict[tuple, Scratch] = OrderedDict()
+#: (buffers, events): what queued kernels may still read, until every event completes.
+_retiring: list[tuple[object, tuple]] = []
+
+
+def _retire(buffers: object, events: tuple) -> None:
+    """Keep ``buffers`` until ``events`` complete; free what has completed."""
+    _retiring.append((buffers, events))
+    _retiring[:] = [entry for entry in _retiring if not all(map(_completed, entry[1]))]
+    # A stream that is never idle when asked would keep them forever: past
+    # the bound, wait for the oldest on the host.
+    while len(_retiring) > tunables.BUFFERS_RETIRING:
+        for event in _retiring.pop(0)[1]:
+            event.synchronize()
+
+
+_threads = threading.local()
+
+
+def stream_key(handle: int) -> tuple:
+    """What tells the stream ``handle`` of the current host thread from any other.
+
+    The per-thread default stream, handle 2, is a different stream in each
+    thread: the key holds a token of the thread's own, not its ident, which a
+    new thread may reuse while the kernels of the old one are still queued.
     """
-    key = (cuda.get_current_device(), handle)
+    if handle != 2:
+        return (_same_stream(handle), None)
+    token = getattr(_threads, "token", None)
+    if token is None:
+        token = _threads.token = object()
+    return (handle, token)
+
+
+def _scratch_for(device, handle: int, rows: int) -> Scratch:
+    """The scratch of stream ``handle`` on ``device``, of ``rows`` rows at least.
+
+    Made once per stream (and again if it must grow), then reused: calls on
+    one stream run in order, so they never use it at once. Call with
+    ``_lock`` held.
+    """
+    key = (device, *stream_key(handle))
     scratch = _scratch.get(key)
-    if (
-        scratch is None
-        or scratch.sums.shape[0] < rows
-        or scratch.ticket.shape[0] < tunables.TUPLE_WIDTH
+    if scratch is not None and (
+        scratch.sums.shape[0] < rows or scratch.ticket.shape[0] < tunables.TUPLE_WIDTH
     ):
-        with _scratch_lock:
-            stream = _numba_stream(handle)
-            scratch = Scratch(
-                stream=stream,
-                sums=cuda.device_array((max(rows, 1), _rule.SUMS), np.float64, stream=stream),
-                ticket=cuda.to_device(np.zeros(tunables.TUPLE_WIDTH, np.uint32), stream=stream),
-            )
-            _scratch[key] = scratch
+        _retire(scratch, (scratch.event,))
+        scratch = None
+    if scratch is None:
+        stream = _numba_stream(handle)
+        scratch = Scratch(
+            stream=stream,
+            sums=cuda.device_array((max(rows, 1), _rule.SUMS), np.float64, stream=stream),
+            ticket=cuda.to_device(np.zeros(tunables.TUPLE_WIDTH, np.uint32), stream=stream),
+            event=_new_event(),
+        )
+        _scratch[key] = scratch
+        if len(_scratch) > tunables.STREAMS_KEPT:
+            _, evicted = _scratch.popitem(last=False)
+            _retire(evicted, (evicted.event,))
+    else:
+        _scratch.move_to_end(key)
     return scratch
 
 
@@ -365,14 +462,18 @@ class Group(NamedTuple):
 
 
 class Plan(NamedTuple):
-    """The launches of one kind of call and their chunk tables on the device."""
+    """The launches of one kind of call on one stream and their chunk tables on the device.
+
+    A plan serves one stream, the one its tables were copied on, so that no
+    kernel on another stream can read them before the copy is done.
+    """
 
     groups: tuple[Group, ...]
     rows: int  #: scratch rows a group takes at most: its partial sums, then a total per slot
+    last_use: list  #: the event recorded after the plan's latest call
 
 
 _plans: OrderedDict[tuple, Plan] = OrderedDict()
-_plans_lock = threading.Lock()
 _empty: dict[tuple[object, np.dtype], object] = {}
 
 
@@ -421,16 +522,20 @@ def _make_plan(layout, masks: np.ndarray, stream) -> Plan:
             for i, (pairs, is_flat) in enumerate(members)
         ),
         rows=max(len(table) for table in tables) + tunables.TUPLE_WIDTH,
+        last_use=[None],
     )
 
 
-def _plan_for(key: tuple, layout, masks: np.ndarray, stream) -> Plan:
-    """The plan for ``key`` from the cache, made and copied to the device on a miss."""
-    with _plans_lock:
-        plan = _plans.pop(key, None) or _make_plan(layout, masks, stream)
-        _plans[key] = plan  # the most recently used last
-        if len(_plans) > tunables.PLANS_KEPT:
-            _plans.popitem(last=False)
+def _plan_for(key: tuple, layout, masks: np.ndarray, handle: int) -> Plan:
+    """The plan for ``key`` from the cache, made and copied to the device on a miss.
+
+    Call with ``_lock`` held.
+    """
+    plan = _plans.pop(key, None) or _make_plan(layout, masks, _numba_stream(handle))
+    _plans[key] = plan  # the most recently used last
+    if len(_plans) > tunables.PLANS_KEPT:
+        _, evicted = _plans.popitem(last=False)
+        _retire(evicted, tuple(event for event in evicted.last_use if event is not None))
     return plan
 
 
@@ -465,59 +570,79 @@ def _views(ws, gs, device) -> tuple[list, list]:
     return views, layout
 
 
-def _launch(ws, gs, hyper, masks, rates, handle: int, update: bool) -> tuple[Plan, Scratch]:
+def _launch(ws, gs, hyper, masks, rates, streams: Streams, update: bool):
     """Enqueue the sums and, if ``update``, the update of every pair; no synchronization.
 
-    Returns the plan and the scratch, whose rows hold each pair's totals.
+    The launch stream first waits for the arrays' other streams. Returns the
+    launch stream and, unless ``update``, a host array that the stream fills
+    with the first pair's totals.
     """
     device = cuda.get_current_device()
-    views, layout = _views(ws, gs, device)
-    key = (device, handle, tunables.GPU_CHUNK, tunables.TUPLE_WIDTH, tuple(layout), masks.tobytes())
-    plan = _plan_for(key, layout, masks, scratch_for(handle, 0).stream)
-    scratch = scratch_for(handle, plan.rows)
-    stored = _empty_array(device, np.float64) if rates is None else rates
-    for group in plan.groups:
-        w_tuple = tuple(views[pair][0] for pair in group.pairs)
-        g_tuple = tuple(views[pair][1] for pair in group.pairs)
-        if group.flat:
-            padding = (_empty_array(device, w_tuple[0].dtype),) * (
-                tunables.TUPLE_WIDTH - len(group.pairs)
+    with _lock:
+        views, layout = _views(ws, gs, device)
+        key = (
+            device,
+            stream_key(streams.launch),
+            tunables.GPU_CHUNK,
+            tunables.TUPLE_WIDTH,
+            tuple(layout),
+            masks.tobytes(),
+        )
+        plan = _plan_for(key, layout, masks, streams.launch)
+        scratch = _scratch_for(device, streams.launch, plan.rows)
+        for handle in streams.waits:
+            produced = _new_event()
+            produced.record(_numba_stream(handle))
+            produced.wait(scratch.stream)
+        stored = _empty_array(device, np.float64) if rates is None else rates
+        for group in plan.groups:
+            w_tuple = tuple(views[pair][0] for pair in group.pairs)
+            g_tuple = tuple(views[pair][1] for pair in group.pairs)
+            if group.flat:
+                padding = (_empty_array(device, w_tuple[0].dtype),) * (
+                    tunables.TUPLE_WIDTH - len(group.pairs)
+                )
+                w_tuple += padding
+                g_tuple += padding
+            launch = reducing_launch(group.chunks.shape[0], scratch.stream)
+            sums_of_chunks[launch](
+                w_tuple, g_tuple, group.chunks, scratch.sums, scratch.ticket, hyper
             )
-            w_tuple += padding
-            g_tuple += padding
-        launch = reducing_launch(group.chunks.shape[0], scratch.stream)
-        sums_of_chunks[launch](w_tuple, g_tuple, group.chunks, scratch.sums, scratch.ticket, hyper)
-        if update:
-            UPDATE_KERNELS["scale"][launch[:3]](
-                w_tuple, g_tuple, group.chunks, scratch.sums, hyper, stored
-            )
-    return plan, scratch
+            if update:
+                UPDATE_KERNELS["scale"][launch[:3]](
+                    w_tuple, g_tuple, group.chunks, scratch.sums, hyper, stored
+                )
+        totals = None
+        if not update:
+            total_row = plan.groups[0].chunks.shape[0]
+            totals = scratch.sums[total_row].copy_to_host(stream=scratch.stream)
+        scratch.event.record(scratch.stream)
+        plan.last_use[0] = scratch.event
+    return scratch.stream, totals
 
 
-def scale(w, g, hyper, handle: int) -> None:
-    """Enqueue the scaling of ``g`` on the stream ``handle``; no synchronization.
+def scale(w, g, hyper, streams: Streams) -> None:
+    """Enqueue the scaling of ``g`` on ``streams.launch``; no synchronization.
 
     ``w`` and ``g`` are validated device arrays of one shape and dtype.
     """
     if w.size:
-        _launch([w], [g], hyper, _ALL_RULES, None, handle, update=True)
+        _launch([w], [g], hyper, _ALL_RULES, None, streams, update=True)
 
 
 #: The masks of a pair that gets the whole rule.
 _ALL_RULES = np.ones((1, 2), np.uint8)
 
 
-def trust_ratio(w, g, hyper, handle: int) -> float:
-    """The rate for two validated device arrays; waits for the stream ``handle``."""
-    plan, scratch = _launch([w], [g], hyper, _ALL_RULES, None, handle, update=False)
-    total_row = plan.groups[0].chunks.shape[0]
-    sums = scratch.sums[total_row].copy_to_host(stream=scratch.stream)
-    scratch.stream.synchronize()
-    return _rule.rate_from_sums(tuple(float(value) for value in sums), hyper)
+def trust_ratio(w, g, hyper, streams: Streams) -> float:
+    """The rate for two validated device arrays; waits for ``streams.launch``."""
+    stream, totals = _launch([w], [g], hyper, _ALL_RULES, None, streams, update=False)
+    stream.synchronize()
+    return _rule.rate_from_sums(tuple(float(value) for value in totals), hyper)
 
 
-def scale_all(ws, gs, hyper, masks: np.ndarray, rates, handle: int) -> None:
-    """Enqueue the scaling of every ``gs[i]`` on the stream ``handle``; no synchronization.
+def scale_all(ws, gs, hyper, masks: np.ndarray, rates, streams: Streams) -> None:
+    """Enqueue the scaling of every ``gs[i]`` on ``streams.launch``; no synchronization.
 
     ``ws[i]`` and ``gs[i]`` are validated device arrays of one shape and dtype,
     ``masks[i]`` whether pair ``i`` gets weight decay and its trust ratio
@@ -531,4 +656,4 @@ def scale_all(ws, gs, hyper, masks: np.ndarray, rates, handle: int) -> None:
     afresh at every step and a changing weight decay reuse them.
     """
     if ws:
-        _launch(ws, gs, hyper, masks, rates, handle, update=True)
+        _launch(ws, gs, hyper, masks, rates, streams, update=True)

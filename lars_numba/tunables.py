@@ -12,6 +12,8 @@ Examples
 65536
 """
 
+from numba.core import config
+
 # -- the CPU engine ------------------------------------------------------------
 
 #: Elements of a pair that make one task of the CPU engine and one partial sum.
@@ -31,18 +33,28 @@ PARALLEL_MIN_SIZE = 1 << 16
 CPU_BATCH_BYTES = 16 << 20
 
 # -- the GPU engine ------------------------------------------------------------
+#
+# Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``), which runs a
+# Python thread per GPU thread, the grid is the smallest the kernels allow,
+# one block of one thread, so that a call on a few thousand elements returns
+# in a fraction of a second; the results are the same on any grid.
 
-#: Threads per block; a power of two, which the block reduction halves.
-THREADS_PER_BLOCK = 256
+_SIMULATOR = bool(config.ENABLE_CUDASIM)
 
-#: Fewest blocks per launch. numba-cuda warns below 128 blocks, and a single
-#: wave of mostly idle blocks costs a GPU no more time than one block.
-MIN_BLOCKS = 128
+#: Threads per block, 256 (1 under the simulator); a power of two, which the
+#: block reduction halves.
+THREADS_PER_BLOCK = 1 if _SIMULATOR else 256
 
-#: Most blocks per launch: 4 blocks of 256 threads on each of an H100's 132
-#: SMs keep enough loads in flight to stream from HBM at full speed, with a
-#: grid-stride loop over the chunks covering larger arrays.
-MAX_BLOCKS = 1024
+#: Fewest blocks per launch, 128 (1 under the simulator). numba-cuda warns
+#: below 128 blocks, and a single wave of mostly idle blocks costs a GPU no
+#: more time than one block.
+MIN_BLOCKS = 1 if _SIMULATOR else 128
+
+#: Most blocks per launch, 1024 (1 under the simulator): 4 blocks of 256
+#: threads on each of an H100's 132 SMs keep enough loads in flight to stream
+#: from HBM at full speed, with a grid-stride loop over the chunks covering
+#: larger arrays.
+MAX_BLOCKS = 1 if _SIMULATOR else 1024
 
 #: Elements per chunk of the GPU engine, the work of one block: 64 per thread
 #: of a 256-thread block. ResNet-50's two largest groups make 516 and 616
@@ -59,3 +71,11 @@ TUPLE_WIDTH = 24
 #: Launch plans (chunk tables on the device) kept per process: a training loop
 #: makes one, more if it alternates between models; ResNet-50's takes 84 KB.
 PLANS_KEPT = 8
+
+#: Streams whose scratch (a few KB each) is kept per process: a training loop
+#: uses one, a thread pool on the per-thread default stream one per thread.
+STREAMS_KEPT = 16
+
+#: Dropped buffers kept until the kernels queued before they were dropped are
+#: done (see :mod:`lars_numba._cuda`); past this, the oldest is waited for.
+BUFFERS_RETIRING = 32

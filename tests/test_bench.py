@@ -2,7 +2,10 @@
 
 import contextlib
 import importlib.util
+import shutil
+import subprocess
 import warnings
+from pathlib import Path
 
 from lars_numba import bench
 
@@ -56,3 +59,41 @@ def test_the_whole_model_table_times_every_candidate(capsys):
     assert len(ratios) == len(names) == len(times) - 2
     assert all(float(value) > 0 for value in times + ratios)
     assert float(ratios[names.index("scale_all")]) == 1
+
+
+def test_the_gpu_table_times_every_candidate(capsys):
+    # On the simulator (no GPU here) the table runs, with the host's times.
+    from lars_numba import bench_gpu
+
+    bench_gpu.main(
+        ["--rounds", "1", "--call-size", "300", "--model", "3 x 50", "--copy-bytes", "4096"]
+    )
+    lines = capsys.readouterr().out.splitlines()
+    titles = [line for line in lines if line.startswith("one ")]
+    assert [title.split(" (")[0] for title in titles] == ["one call", "one update"]
+    rows = [line.split() for line in lines if line.split()[:1] in (["scale"], ["scale_all"])]
+    assert [row[0] for row in rows] == ["scale", "scale_all"] * 2
+    assert all(float(row[2]) > 0 for row in rows)
+
+
+def test_the_gpu_model_is_resnet50_or_n_arrays_of_s():
+    from lars_numba import bench_gpu
+    from lars_numba._shapes import RESNET50_SHAPES
+
+    assert bench_gpu.model_shapes("resnet50") == RESNET50_SHAPES
+    assert bench_gpu.model_shapes("3 x 50") == ((50,),) * 3
+
+
+def test_ci_gpu_says_there_is_no_gpu_and_succeeds(tmp_path):
+    # Only what the script needs before it looks for a GPU is on the path.
+    (tmp_path / "dirname").symlink_to(shutil.which("dirname"))
+    script = Path(__file__).parents[1] / ".ci" / "gpu"
+    result = subprocess.run(
+        [shutil.which("bash"), str(script)],
+        env={"PATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "no NVIDIA GPU on this machine" in result.stdout

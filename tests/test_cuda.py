@@ -8,12 +8,15 @@ elements.
 """
 
 import math
+import os
+import subprocess
 import sys
+import threading
 import types
 
 import numpy as np
 import pytest
-from conftest import assert_matches_oracle
+from conftest import assert_matches_oracle, lars_oracle
 from numba import cuda
 from numba.cuda.core import config
 
@@ -119,16 +122,33 @@ def test_grid_sizes_do_not_change_the_result(threads, min_blocks, max_blocks, si
 
 
 def test_the_shipped_grid_sums_in_a_fixed_order(monkeypatch, oracle):
-    # The simulator runs the shipped 128+ blocks of 256 threads too slowly.
-    if SIMULATOR:
-        set_grid(monkeypatch, threads=16, min_blocks=1, max_blocks=4)
-    else:
-        monkeypatch.undo()
+    # On the simulator the shipped grid is its own, the smallest: a user's
+    # call on a few thousand elements needs no patching to be quick.
+    monkeypatch.undo()
     w, g = values(3000, np.float32, 5), values(3000, np.float32, 6)
     d_w, d_g = cuda.to_device(w), cuda.to_device(g)
     rates = {lars_numba.trust_ratio(d_w, d_g, **HYPER) for _ in range(2)}
     assert len(rates) == 1  # bitwise equal: no floating-point atomics
     assert rates.pop() == pytest.approx(oracle(w, g, **HYPER)[0], rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("simulator", "grid"), [("1", (1, 1, 1)), ("0", (256, 128, 1024)), (None, (256, 128, 1024))]
+)
+def test_the_grid_is_the_smallest_on_the_simulator_and_the_shipped_one_on_a_gpu(simulator, grid):
+    # Read in a fresh process, as the switch is read once, at import; no GPU
+    # is needed to import the tunables.
+    env = {key: value for key, value in os.environ.items() if key != "NUMBA_ENABLE_CUDASIM"}
+    if simulator is not None:
+        env["NUMBA_ENABLE_CUDASIM"] = simulator
+    script = (
+        "from lars_numba import tunables as t; "
+        "print(t.THREADS_PER_BLOCK, t.MIN_BLOCKS, t.MAX_BLOCKS)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    assert tuple(map(int, result.stdout.split())) == grid
 
 
 @pytest.mark.parametrize("shape", [(0,), (2, 0, 3)])
@@ -277,7 +297,7 @@ def foreign(monkeypatch):
         monkeypatch.setattr(
             _cuda,
             "as_device_array",
-            lambda a: a.array if isinstance(a, Foreign) else original(a),
+            lambda a: (a.array, a.stream) if isinstance(a, Foreign) else original(a),
         )
     return Foreign
 
@@ -285,9 +305,9 @@ def foreign(monkeypatch):
 @pytest.fixture
 def scratch_handles(monkeypatch):
     """A fresh scratch cache and no CuPy; returns the handles that have scratch."""
-    monkeypatch.setattr(_cuda, "_scratch", {})
+    monkeypatch.setattr(_cuda, "_scratch", _cuda.OrderedDict())
     monkeypatch.delitem(sys.modules, "cupy", raising=False)
-    return lambda: sorted(handle for _, handle in _cuda._scratch)
+    return lambda: sorted(handle for _, handle, _ in _cuda._scratch)
 
 
 @pytest.fixture
@@ -335,6 +355,12 @@ def interface_with_stream(stream):
     return types.SimpleNamespace(__cuda_array_interface__={"version": 3, "stream": stream})
 
 
+def stream_of(array):
+    """The stream ``as_device_array`` reads from an interface, ``None`` if it has none."""
+    interface = getattr(array, "__cuda_array_interface__", None)
+    return None if interface is None else interface.get("stream")
+
+
 @pytest.mark.parametrize(
     ("w", "g", "handle"),
     [
@@ -348,7 +374,7 @@ def interface_with_stream(stream):
 )
 def test_the_stream_is_the_interface_s_without_cupy(w, g, handle, monkeypatch):
     monkeypatch.delitem(sys.modules, "cupy", raising=False)
-    assert _cuda.caller_stream(w, g) == handle
+    assert _cuda.caller_streams([stream_of(g), stream_of(w)]).launch == handle
 
 
 def test_the_stream_is_cupy_s_current_stream_once_cupy_is_imported(monkeypatch):
@@ -357,7 +383,7 @@ def test_the_stream_is_cupy_s_current_stream_once_cupy_is_imported(monkeypatch):
         cuda=types.SimpleNamespace(get_current_stream=lambda: current)
     )
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
-    assert _cuda.caller_stream(interface_with_stream(7), interface_with_stream(7)) == 42
+    assert _cuda.caller_streams([7, 7]).launch == 42
 
 
 def test_calls_reuse_the_scratch_and_scale_neither_allocates_nor_waits(
@@ -381,7 +407,7 @@ def test_calls_reuse_the_scratch_and_scale_neither_allocates_nor_waits(
 
     assert scratch_handles() == [0]
     assert next(iter(_cuda._scratch.values())) is scratch
-    assert scratch.ticket.copy_to_host()[0] == 0  # reset by the last block
+    assert scratch.ticket.copy_to_host()[0] == 0  # wrapped back by the last block
     _, once = oracle(w, g, **HYPER)
     _, twice = oracle(w, once, **HYPER)
     assert_matches_oracle(d_g.copy_to_host(), twice, np.float32)
@@ -446,7 +472,7 @@ def run_scale_all(
         )
     else:
         masks = _api.pair_masks(len(pairs), weight_decay_mask, trust_ratio_mask)
-        _cuda.scale_all(d_ws, d_gs, ENGINE_HYPER, masks, rates, handle)
+        _cuda.scale_all(d_ws, d_gs, ENGINE_HYPER, masks, rates, _cuda.Streams(handle, ()))
     table = masked_table(len(pairs), weight_decay_mask, trust_ratio_mask)
 
     expected_rates = []
@@ -739,7 +765,9 @@ def test_the_plan_cache_keeps_the_most_recent_plans(monkeypatch):
     monkeypatch.setattr(_cuda, "_plans", _cuda.OrderedDict())
     arrays = [cuda.to_device(np.ones(n, np.float32)) for n in range(1, tunables.PLANS_KEPT + 3)]
     for array in arrays:
-        _cuda.scale_all([array], [array], ENGINE_HYPER, np.ones((1, 2), np.uint8), None, 0)
+        _cuda.scale_all(
+            [array], [array], ENGINE_HYPER, np.ones((1, 2), np.uint8), None, _cuda.Streams(0, ())
+        )
     assert len(_cuda._plans) == tunables.PLANS_KEPT
     assert [key[4][0][1] for key in _cuda._plans] == list(range(3, tunables.PLANS_KEPT + 3))
 
@@ -755,9 +783,11 @@ def test_scale_all_runs_on_the_stream_it_is_given(caller_stream, scratch_handles
 def test_scale_all_takes_the_stream_of_the_arrays_as_given(foreign, monkeypatch):
     seen = []
     monkeypatch.delitem(sys.modules, "cupy", raising=False)
-    monkeypatch.setattr(_cuda, "scale", lambda w, g, hyper, handle: seen.append(handle))
+    monkeypatch.setattr(_cuda, "scale", lambda w, g, hyper, streams: seen.append(streams.launch))
     monkeypatch.setattr(
-        _cuda, "scale_all", lambda ws, gs, hyper, masks, rates, handle: seen.append(handle)
+        _cuda,
+        "scale_all",
+        lambda ws, gs, hyper, masks, rates, streams: seen.append(streams.launch),
     )
     d_w, d_g = (cuda.to_device(np.ones(4, np.float32)) for _ in "wg")
     lars_numba.scale(foreign(d_w), foreign(d_g, stream=7))
@@ -782,3 +812,264 @@ def test_scale_all_names_a_non_array_among_gpu_arrays():
     with pytest.raises(TypeError, match=r"the arrays must all be NumPy arrays or all CUDA"):
         lars_numba.scale_all([d_w], [d_g], rates=np.empty(1))
     np.testing.assert_array_equal(d_g.copy_to_host(), 1.0)
+
+
+# -- concurrency: host threads, foreign streams, buffers still in use ----------
+
+
+def test_two_host_threads_on_one_stream_each_get_their_own_rate(scratch_handles, monkeypatch):
+    # Thread A pauses between its sums and its update for as long as it takes
+    # B to enqueue its sums on the same stream and scratch, if B can: then A
+    # would be scaled with B's totals. A call's launches must not interleave.
+    pairs = {
+        name: (values(500, np.float64, seed), values(500, np.float64, seed + 1) * seed)
+        for name, seed in (("A", 1), ("B", 5))
+    }
+    devices = {name: [cuda.to_device(a) for a in pair] for name, pair in pairs.items()}
+    a_summed, b_summed = threading.Event(), threading.Event()
+    sums = _cuda.sums_of_chunks
+
+    class PausingAfterASums:
+        def __getitem__(self, configuration):
+            def launch(*args):
+                sums[configuration](*args)
+                if threading.current_thread().name == "A":
+                    a_summed.set()
+                    b_summed.wait(timeout=2)
+                else:
+                    b_summed.set()
+
+            return launch
+
+    monkeypatch.setattr(_cuda, "sums_of_chunks", PausingAfterASums())
+
+    def call(name):
+        if name == "B":
+            a_summed.wait(timeout=10)
+        lars_numba.scale(*devices[name], **HYPER)
+
+    threads = [threading.Thread(target=call, args=(name,), name=name) for name in "AB"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert scratch_handles() == [0]
+    for name, (w, g) in pairs.items():
+        _, expected = lars_oracle(w, g, **HYPER)
+        assert_matches_oracle(devices[name][1].copy_to_host(), expected, np.float64)
+
+
+def test_host_threads_on_the_per_thread_default_stream_get_scratch_of_their_own(
+    foreign, scratch_handles, oracle
+):
+    # Handle 2 is a different stream in each thread: kernels of two threads
+    # may run at once, so sharing the scratch would mix their sums.
+    w, g = values(100, np.float32, 3), values(100, np.float32, 4)
+    results = {}
+
+    def call(name):
+        d_w, d_g = cuda.to_device(w), cuda.to_device(g)
+        lars_numba.scale(foreign(d_w, 2), foreign(d_g, 2), **HYPER)
+        results[name] = d_g.copy_to_host()
+
+    threads = [threading.Thread(target=call, args=(name,)) for name in "AB"]
+    for thread in threads:
+        thread.start()
+        thread.join(timeout=60)
+    assert scratch_handles() == [2, 2]
+    assert len({thread for _, _, thread in _cuda._scratch}) == 2
+    _, expected = oracle(w, g, **HYPER)
+    for result in results.values():
+        assert_matches_oracle(result, expected, np.float32)
+    assert len(results) == 2
+
+
+class StreamLog:
+    """Numba streams and events standing in for real ones, writing down what is done.
+
+    ``_numba_stream(handle)`` gives a simulator stream that the log knows by
+    its handle; events record ``("record", handle)`` and ``("wait", handle)``;
+    the kernels' launches are logged as ``"launch"`` and host waits refused.
+    """
+
+    def __init__(self, monkeypatch):
+        self.entries, self.streams = [], {}
+        log = self
+
+        class Event:
+            def record(self, stream):
+                log.entries.append(("record", log.handle(stream)))
+
+            def wait(self, stream):
+                log.entries.append(("wait", log.handle(stream)))
+
+            def synchronize(self):
+                raise AssertionError("a host wait")
+
+        def numba_stream(handle):
+            return self.streams.setdefault(_cuda._same_stream(handle), cuda.stream())
+
+        monkeypatch.setattr(_cuda, "_new_event", Event)
+        monkeypatch.setattr(_cuda, "_numba_stream", numba_stream)
+        monkeypatch.setattr(cuda, "synchronize", Event.synchronize)
+        kernels = [("sums_of_chunks", _cuda.sums_of_chunks)]
+        kernels += [(name, kernel) for name, kernel in _cuda.UPDATE_KERNELS.items()]
+        for name, kernel in kernels:
+            logged = self.logging(kernel)
+            if name == "sums_of_chunks":
+                monkeypatch.setattr(_cuda, name, logged)
+            else:
+                monkeypatch.setitem(_cuda.UPDATE_KERNELS, name, logged)
+
+    def handle(self, stream):
+        return next(handle for handle, known in self.streams.items() if known is stream)
+
+    def logging(self, kernel):
+        log = self
+
+        class Logged:
+            def __getitem__(self, configuration):
+                log.entries.append(("launch", log.handle(configuration[2])))
+                return kernel[configuration]
+
+        return Logged()
+
+
+@pytest.mark.parametrize(
+    ("w_stream", "g_stream", "cupy_stream", "expected"),
+    [
+        # The launch stream waits for every other stream an interface names.
+        (5, 3, None, [("record", 5), ("wait", 3)]),
+        (5, None, None, []),
+        (None, None, None, []),
+        (5, 5, None, []),
+        (1, None, 0, []),  # 0 and 1 both name the legacy default stream
+        (9, 7, 42, [("record", 7), ("wait", 42), ("record", 9), ("wait", 42)]),
+    ],
+)
+def test_scale_waits_on_the_device_for_the_streams_of_w_and_g(
+    w_stream, g_stream, cupy_stream, expected, foreign, scratch_handles, monkeypatch, oracle
+):
+    if cupy_stream is not None:
+        current = types.SimpleNamespace(ptr=cupy_stream)
+        fake_cupy = types.SimpleNamespace(
+            cuda=types.SimpleNamespace(get_current_stream=lambda: current)
+        )
+        monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+    log = StreamLog(monkeypatch)
+    w, g = values(50, np.float32, 11), values(50, np.float32, 12)
+    d_w, d_g = cuda.to_device(w), cuda.to_device(g)
+    lars_numba.scale(foreign(d_w, w_stream), foreign(d_g, g_stream), **HYPER)
+
+    launches = [entry for entry in log.entries if entry[0] == "launch"]
+    first = log.entries.index(launches[0])
+    assert log.entries[:first] == expected
+    # Then the kernels, and the event that marks the end of the call's work.
+    assert log.entries[-1][0] == "record"
+    assert {handle for _, handle in log.entries[first:]} == {launches[0][1]}
+    _, expected_g = oracle(w, g, **HYPER)
+    assert_matches_oracle(d_g.copy_to_host(), expected_g, np.float32)
+
+
+def test_scale_all_waits_for_the_stream_of_every_array_and_of_rates(
+    foreign, scratch_handles, monkeypatch
+):
+    log = StreamLog(monkeypatch)
+    arrays = [cuda.to_device(np.ones(4, np.float32)) for _ in range(4)]
+    ws = [foreign(arrays[0], 7), foreign(arrays[1])]
+    gs = [foreign(arrays[2], 9), foreign(arrays[3], 7)]
+    rates = foreign(cuda.to_device(np.zeros(2)), 11)
+    lars_numba.scale_all(ws, gs, rates=rates)
+    first = next(i for i, entry in enumerate(log.entries) if entry[0] == "launch")
+    # g's stream before w's, pair by pair: gs[0]'s, 9, is the launch stream.
+    assert log.entries[:first] == [("record", 7), ("wait", 9), ("record", 11), ("wait", 9)]
+
+
+@pytest.mark.parametrize(
+    ("handles", "launch", "waits"),
+    [
+        ([], 0, ()),
+        ([None, None], 0, ()),
+        ([None, 4, 6, 4, 2], 4, (6, 2)),
+        ([1, 0, None], 1, ()),
+        ([2, 1], 2, (1,)),
+    ],
+)
+def test_the_launch_stream_is_the_first_named_and_waits_for_the_others_once(
+    handles, launch, waits, monkeypatch
+):
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    assert _cuda.caller_streams(handles) == _cuda.Streams(launch, waits)
+
+
+@pytest.fixture
+def completed(monkeypatch):
+    """The events the GPU has passed, as the test says: none until it adds them.
+
+    The caches of plans and of buffers retiring start empty.
+    """
+    passed = []
+    monkeypatch.setattr(_cuda, "_completed", lambda event: any(event is e for e in passed))
+    monkeypatch.setattr(_cuda, "_retiring", [])
+    monkeypatch.setattr(_cuda, "_plans", _cuda.OrderedDict())
+    return passed
+
+
+def retiring():
+    return [buffers for buffers, _ in _cuda._retiring]
+
+
+def test_an_evicted_plan_is_kept_until_its_last_call_is_done(completed, monkeypatch):
+    monkeypatch.setattr(tunables, "PLANS_KEPT", 1)
+    small, large = (cuda.to_device(np.ones(n, np.float32)) for n in (3, 5))
+    lars_numba.scale(small, small)
+    (plan,) = _cuda._plans.values()
+    (scratch,) = _cuda._scratch.values()
+    assert plan.last_use == [scratch.event]
+
+    lars_numba.scale(large, large)  # evicts the first plan
+    assert len(_cuda._plans) == 1
+    assert any(buffers is plan for buffers in retiring())
+    completed.append(scratch.event)
+    # Evicts the second plan, whose last call is marked by the same event of
+    # the stream's: the GPU has passed it, so neither plan is kept.
+    lars_numba.scale(small, small)
+    assert retiring() == []
+
+
+def test_scratch_that_grows_is_kept_until_its_last_call_is_done(
+    completed, scratch_handles, small_chunks
+):
+    one_chunk, many = (cuda.to_device(np.ones(n, np.float32)) for n in (8, 400))
+    lars_numba.scale(one_chunk, one_chunk)
+    (old,) = _cuda._scratch.values()
+    lars_numba.scale(many, many)
+    (new,) = _cuda._scratch.values()
+    assert new is not old and new.sums.shape[0] > old.sums.shape[0]
+    assert _cuda._retiring == [(old, (old.event,))]
+    np.testing.assert_allclose(many.copy_to_host(), 1 / (1 + 1e-9 * 20), rtol=1e-12)
+
+
+def test_scratch_is_kept_for_a_bounded_number_of_streams(completed, scratch_handles, monkeypatch):
+    monkeypatch.setattr(tunables, "STREAMS_KEPT", 2)
+    streams = {handle: cuda.stream() for handle in (101, 102, 103)}
+    monkeypatch.setattr(_cuda, "_numba_stream", streams.__getitem__)
+    d_w = cuda.to_device(np.ones(4))
+    for handle in streams:
+        _cuda.scale(d_w, cuda.to_device(np.ones(4)), ENGINE_HYPER, _cuda.Streams(handle, ()))
+    assert scratch_handles() == [102, 103]
+    ((evicted, events),) = _cuda._retiring
+    assert evicted.stream is streams[101] and events == (evicted.event,)
+
+
+def test_past_the_bound_the_oldest_retiring_buffers_are_waited_for(completed, monkeypatch):
+    monkeypatch.setattr(tunables, "BUFFERS_RETIRING", 2)
+    waited = []
+    events = [types.SimpleNamespace(synchronize=lambda n=n: waited.append(n)) for n in range(4)]
+    for number, event in enumerate(events):
+        _cuda._retire(f"buffers {number}", (event,))
+    assert waited == [0, 1]
+    assert retiring() == ["buffers 2", "buffers 3"]
+    completed.extend(events)
+    _cuda._retire("buffers 4", ())
+    assert retiring() == []

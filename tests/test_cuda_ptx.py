@@ -1,0 +1,115 @@
+"""What the GPU kernels compile to: the PTX of the shipped kernels, read for the
+memory ordering and the arithmetic that the CUDA simulator cannot show.
+
+NVVM (the ``nvidia-nvvm`` and ``nvidia-cuda-nvrtc`` wheels of the test extra)
+compiles without a GPU. The kernels are compiled in a subprocess with the
+simulator off, for a device of compute capability 9.0 that the subprocess
+makes up, as numba-cuda asks the current device for it while it compiles
+device functions.
+"""
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+COMPILE = textwrap.dedent(
+    """
+    import pathlib, sys, types as pytypes
+    from numba import cuda, types
+    import numba.cuda.dispatcher
+    numba.cuda.dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(
+        compute_capability=(9, 0)
+    )
+    from lars_numba import _cuda, _rule, tunables
+
+    out = pathlib.Path(sys.argv[1])
+    hyper = types.UniTuple(types.float64, len(_rule.HYPERPARAMETERS))
+    chunks, sums = types.int64[:, ::1], types.float64[:, ::1]
+    flat = types.UniTuple(types.float32[::1], tunables.TUPLE_WIDTH)
+    kernels = {
+        "sums": (_cuda.sums_of_chunks, (flat, flat, chunks, sums, types.uint32[::1], hyper)),
+    }
+    for ndim in (1, 2):
+        strided = types.UniTuple(types.Array(types.float32, ndim, "A"), 1)
+        kernels[f"update_{ndim}d"] = (
+            _cuda.UPDATE_KERNELS["scale"],
+            (strided, strided, chunks, sums, hyper, types.float64[::1]),
+        )
+    for name, (kernel, signature) in kernels.items():
+        ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))
+        (out / f"{name}.ptx").write_text(ptx)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def ptx(tmp_path_factory):
+    """The PTX of the kernels, by name, as lists of instructions."""
+    out = tmp_path_factory.mktemp("ptx")
+    env = {"NUMBA_ENABLE_CUDASIM": "0", "NUMBA_CACHE_DIR": str(out / "cache")}
+    result = subprocess.run(
+        [sys.executable, "-c", COMPILE, str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {
+        path.stem: [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        for path in out.glob("*.ptx")
+    }
+
+
+def indices(lines, pattern):
+    return [i for i, line in enumerate(lines) if re.match(pattern, line)]
+
+
+def test_the_ticket_wraps_with_an_atomic_and_is_never_stored(ptx):
+    # A plain store resetting the ticket could wipe out another kernel's
+    # increment; the wrapping increment leaves nothing to reset.
+    lines = ptx["sums"]
+    assert len(indices(lines, r"atom\.global\.inc\.u32")) == 1
+    assert indices(lines, r"atom\.global\.add\.u32") == []
+    assert indices(lines, r"st\.global\.u32") == []
+
+
+def test_the_last_block_fences_before_it_reads_the_other_blocks_rows(ptx):
+    # Release before the ticket (the partials reach memory first), and in
+    # the last block, after the barrier that tells its threads they are
+    # last, an acquire fence before the first load of the rows.
+    lines = ptx["sums"]
+    (ticket,) = indices(lines, r"atom\.global\.inc")
+    fences = indices(lines, r"(membar\.gl|fence\.(sc|acq_rel)\.gpu)")
+    assert any(fence < ticket for fence in fences)
+    first_read = min(i for i in indices(lines, r"ld\.global(\.[a-z]+)*\.f64") if i > ticket)
+    barrier = min(i for i in indices(lines, r"bar\.sync") if i > ticket)
+    assert any(barrier < fence < first_read for fence in fences)
+
+
+@pytest.mark.parametrize("kernel", ["sums", "update_1d", "update_2d"])
+def test_the_kernels_keep_ieee_arithmetic(ptx, kernel):
+    # No fastmath: no flush of subnormals to zero, no approximate division
+    # or square root; the update's rate is divided and rooted to nearest.
+    lines = ptx[kernel]
+    assert [line for line in lines if re.search(r"\.(ftz|approx)\b", line)] == []
+    if kernel != "sums":
+        assert indices(lines, r"div\.rn\.f64") != []
+        assert indices(lines, r"sqrt\.rn\.f64") != []
+
+
+def test_a_strided_element_is_unravelled_once_for_w_and_g(ptx):
+    # A second axis costs one remainder and one division per element, shared
+    # by w and g, which have the same shape (the other divisions are the
+    # loops' trip counts, in both kernels).
+    def divisions(kernel):
+        return [len(indices(ptx[kernel], rf"{op}\.s64")) for op in ("rem", "div")]
+
+    assert [a - b for a, b in zip(divisions("update_2d"), divisions("update_1d"), strict=True)] == [
+        1,
+        1,
+    ]

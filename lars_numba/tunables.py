@@ -77,5 +77,5 @@ PLANS_KEPT = 8
 STREAMS_KEPT = 16
 
 #: Dropped buffers kept until the kernels queued before they were dropped are
-#: done (see :mod:`lars_numba._cuda`); past this, the oldest is waited for.
+#: done (see :doc:`/gpu`); past this, the oldest is waited for.
 BUFFERS_RETIRING = 32

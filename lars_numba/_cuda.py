@@ -457,7 +457,7 @@ class Group(NamedTuple):
     """The pairs that one launch of each kernel treats."""
 
     pairs: tuple[int, ...]  #: indices into ``ws`` and ``gs``, in tuple order
-    flat: bool  #: 1-d contiguous views of one dtype, padded to ``TUPLE_WIDTH``
+    flat: bool  #: 1-d contiguous views of one dtype, padded to :func:`padded_width`
     chunks: object  #: int64 device array, a row per chunk (see ``CHUNK_COLUMNS``)
 
 
@@ -539,6 +539,19 @@ def _plan_for(key: tuple, layout, masks: np.ndarray, handle: int) -> Plan:
     return plan
 
 
+def padded_width(pairs: int) -> int:
+    """The width of the tuples of a flat group of ``pairs`` pairs: the next power of
+    two, at most ``TUPLE_WIDTH``.
+
+    numba-cuda types and packs every array of a tuple at every launch (on
+    stand-in device arrays, 420 us for a tuple of 24, 40 us for one of one;
+    see :doc:`/gpu`), so a group takes tuples no wider than it needs:
+    ``scale`` tuples of one. It compiles the kernels once per width, so a few
+    widths serve every group.
+    """
+    return min(tunables.TUPLE_WIDTH, 1 << (pairs - 1).bit_length())
+
+
 def reducing_launch(items: int, stream) -> tuple:
     """The launch configuration of a kernel that calls :func:`block_sums`."""
     blocks, threads = grid(items)
@@ -600,7 +613,7 @@ def _launch(ws, gs, hyper, masks, rates, streams: Streams, update: bool):
             g_tuple = tuple(views[pair][1] for pair in group.pairs)
             if group.flat:
                 padding = (_empty_array(device, w_tuple[0].dtype),) * (
-                    tunables.TUPLE_WIDTH - len(group.pairs)
+                    padded_width(len(group.pairs)) - len(group.pairs)
                 )
                 w_tuple += padding
                 g_tuple += padding

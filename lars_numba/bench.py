@@ -369,9 +369,17 @@ def model_candidates(shapes) -> tuple[dict[str, Callable[[], object]], int]:
         "scale_all": lambda: lars_numba.scale_all(ws, gs, weight_decay=WEIGHT_DECAY),
     }
     try:
-        import chainer
+        import chainer  # noqa: F401
     except ImportError:
         return candidates, sum(w.size for w in ws)
+    return {**hook_candidates(ws, gs, parallel=True), **candidates}, sum(w.size for w in ws)
+
+
+def hook_candidates(ws, gs, parallel: bool) -> dict[str, Callable[[], object]]:
+    """Chainer's hook and both of lars_numba's over a model of parameters ``ws`` with
+    gradients ``gs``, each called as Chainer's optimizer calls it."""
+    import chainer
+
     from . import chainer as lars_chainer
 
     model = chainer.Link()
@@ -392,10 +400,10 @@ def model_candidates(shapes) -> tuple[dict[str, Callable[[], object]], int]:
         ),
         "lars_hook": per_parameter(lars_chainer.GradientLARS(weight_decay=WEIGHT_DECAY)),
         "fused_hook": functools.partial(
-            lars_chainer.FusedGradientLARS(weight_decay=WEIGHT_DECAY, parallel=True), optimizer
+            lars_chainer.FusedGradientLARS(weight_decay=WEIGHT_DECAY, parallel=parallel),
+            optimizer,
         ),
-        **candidates,
-    }, sum(w.size for w in ws)
+    }
 
 
 def model_rows(names, rounds: int) -> list[tuple[str, int, dict[str, float], float]]:

@@ -10,8 +10,9 @@ five passes over ``w`` and ``g`` that the rule needs, at the bandwidth of a
 device-to-device copy timed in the same rounds.
 
 The candidates are ``lars_numba.scale`` (once per array), ``scale_all`` and,
-where Chainer and CuPy are installed, both of lars_numba's hooks and
-Chainer's ``GradientLARS`` on CuPy parameters. The arrays are CuPy's where
+where Chainer and CuPy are installed, both of lars_numba's hooks
+(``lars_hook``, ``fused_hook``) and Chainer's ``GradientLARS``
+(``chainer_hook``) on CuPy parameters. The arrays are CuPy's where
 CuPy is installed, Numba's device arrays otherwise. Under Numba's CUDA
 simulator the table runs too, but its times say nothing of a GPU.
 """
@@ -19,7 +20,6 @@ simulator the table runs too, but its times say nothing of a GPU.
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import statistics
 import time
@@ -29,9 +29,9 @@ import numpy as np
 
 import lars_numba
 
+from . import bench
 from ._shapes import RESNET50_SHAPES
 
-WEIGHT_DECAY = 1e-4
 #: Bytes of the buffer the copy floor is timed on: larger than any GPU's L2.
 COPY_BYTES = 1 << 28
 
@@ -87,39 +87,17 @@ def candidates(shapes) -> dict[str, Callable[[], object]]:
     ws, gs = device_arrays(shapes, 0), device_arrays(shapes, 1)
     ways = {
         "scale": lambda: [
-            lars_numba.scale(w, g, weight_decay=WEIGHT_DECAY) for w, g in zip(ws, gs, strict=True)
+            lars_numba.scale(w, g, weight_decay=bench.WEIGHT_DECAY)
+            for w, g in zip(ws, gs, strict=True)
         ],
-        "scale_all": lambda: lars_numba.scale_all(ws, gs, weight_decay=WEIGHT_DECAY),
+        "scale_all": lambda: lars_numba.scale_all(ws, gs, weight_decay=bench.WEIGHT_DECAY),
     }
     try:
-        import chainer
+        import chainer  # noqa: F401
         import cupy  # noqa: F401
     except ImportError:
         return ways
-    from . import chainer as lars_chainer
-
-    model = chainer.Link()
-    with model.init_scope():
-        for i, (w, g) in enumerate(zip(ws, gs, strict=True)):
-            param = chainer.Parameter(w)
-            param.grad = g
-            setattr(model, f"p{i}", param)
-    optimizer = chainer.optimizers.SGD().setup(model)
-    params = list(model.params())
-
-    def per_parameter(hook):
-        return lambda: [hook(param.update_rule, param) for param in params]
-
-    return {
-        **ways,
-        "GradientLARS": per_parameter(lars_chainer.GradientLARS(weight_decay=WEIGHT_DECAY)),
-        "FusedGradientLARS": functools.partial(
-            lars_chainer.FusedGradientLARS(weight_decay=WEIGHT_DECAY), optimizer
-        ),
-        "chainer GradientLARS": per_parameter(
-            chainer.optimizer_hooks.GradientLARS(weight_decay=WEIGHT_DECAY)
-        ),
-    }
+    return {**ways, **bench.hook_candidates(ws, gs, parallel=False)}
 
 
 def copy_call(nbytes: int) -> Callable[[], object]:

@@ -656,6 +656,30 @@ def test_more_pairs_than_the_tuple_width_take_more_groups(width, launches, monke
     assert launches() == 2 * (math.ceil(10 / width) + math.ceil(4 / width))
 
 
+@pytest.mark.parametrize(
+    ("pairs", "widths"), [(1, [1]), (2, [2]), (3, [4]), (9, [16]), (24, [24]), (27, [24, 4])]
+)
+def test_a_group_s_tuples_are_as_wide_as_the_next_power_of_two(pairs, widths, monkeypatch, oracle):
+    # numba-cuda types and packs every array of a tuple at every launch: a
+    # group of one pair, every scale, must not carry 23 arrays of padding.
+    set_grid(monkeypatch, threads=2, min_blocks=1, max_blocks=2)
+    monkeypatch.setattr(tunables, "GPU_CHUNK", 4)
+    seen = []
+    sums = _cuda.sums_of_chunks
+
+    class Widths:
+        def __getitem__(self, configuration):
+            def launch(ws, gs, *rest):
+                seen.append((len(ws), len(gs)))
+                sums[configuration](ws, gs, *rest)
+
+            return launch
+
+    monkeypatch.setattr(_cuda, "sums_of_chunks", Widths())
+    run_scale_all(oracle, flat_pairs([3] * pairs, [np.float32] * pairs, seed=40))
+    assert seen == [(width, width) for width in widths]
+
+
 def test_resnet50_takes_at_most_16_launches(launches, monkeypatch):
     # ResNet-50's 161 float32 pairs, each cut to 2 elements: the grouping
     # depends on the number of pairs and their dtypes, not their sizes.

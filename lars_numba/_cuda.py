@@ -419,14 +419,14 @@ def stream_key(handle: int) -> tuple:
     return (handle, token)
 
 
-def _scratch_for(device, handle: int, rows: int) -> Scratch:
+def _scratch_for(device, handle: int, key: tuple, rows: int) -> Scratch:
     """The scratch of stream ``handle`` on ``device``, of ``rows`` rows at least.
 
-    Made once per stream (and again if it must grow), then reused: calls on
-    one stream run in order, so they never use it at once. Call with
-    ``_lock`` held.
+    ``key`` is the stream's :func:`stream_key`. Made once per stream (and
+    again if it must grow), then reused: calls on one stream run in order, so
+    they never use it at once. Call with ``_lock`` held.
     """
-    key = (device, *stream_key(handle))
+    key = (device, *key)
     scratch = _scratch.get(key)
     if scratch is not None and (
         scratch.sums.shape[0] < rows or scratch.ticket.shape[0] < tunables.TUPLE_WIDTH
@@ -470,7 +470,7 @@ class Plan(NamedTuple):
 
     groups: tuple[Group, ...]
     rows: int  #: scratch rows a group takes at most: its partial sums, then a total per slot
-    last_use: list  #: the event recorded after the plan's latest call
+    last_use: list  #: the event recorded after the plan's latest call, once it has had one
 
 
 _plans: OrderedDict[tuple, Plan] = OrderedDict()
@@ -522,7 +522,7 @@ def _make_plan(layout, masks: np.ndarray, stream) -> Plan:
             for i, (pairs, is_flat) in enumerate(members)
         ),
         rows=max(len(table) for table in tables) + tunables.TUPLE_WIDTH,
-        last_use=[None],
+        last_use=[],
     )
 
 
@@ -535,7 +535,7 @@ def _plan_for(key: tuple, layout, masks: np.ndarray, handle: int) -> Plan:
     _plans[key] = plan  # the most recently used last
     if len(_plans) > tunables.PLANS_KEPT:
         _, evicted = _plans.popitem(last=False)
-        _retire(evicted, tuple(event for event in evicted.last_use if event is not None))
+        _retire(evicted, tuple(evicted.last_use))
     return plan
 
 
@@ -593,16 +593,17 @@ def _launch(ws, gs, hyper, masks, rates, streams: Streams, update: bool):
     device = cuda.get_current_device()
     with _lock:
         views, layout = _views(ws, gs, device)
+        stream = stream_key(streams.launch)
         key = (
             device,
-            stream_key(streams.launch),
+            stream,
             tunables.GPU_CHUNK,
             tunables.TUPLE_WIDTH,
             tuple(layout),
             masks.tobytes(),
         )
         plan = _plan_for(key, layout, masks, streams.launch)
-        scratch = _scratch_for(device, streams.launch, plan.rows)
+        scratch = _scratch_for(device, streams.launch, stream, plan.rows)
         for handle in streams.waits:
             produced = _new_event()
             produced.record(_numba_stream(handle))
@@ -630,7 +631,7 @@ def _launch(ws, gs, hyper, masks, rates, streams: Streams, update: bool):
             total_row = plan.groups[0].chunks.shape[0]
             totals = scratch.sums[total_row].copy_to_host(stream=scratch.stream)
         scratch.event.record(scratch.stream)
-        plan.last_use[0] = scratch.event
+        plan.last_use[:] = [scratch.event]
     return scratch.stream, totals
 
 

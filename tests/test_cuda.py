@@ -622,26 +622,36 @@ def test_scale_all_handles_many_small_arrays(monkeypatch, oracle):
     run_scale_all(oracle, flat_pairs(sizes, dtypes, seed=100))
 
 
-class LaunchCounter:
-    """Wraps a kernel: counts its launches and otherwise leaves it alone."""
+class Spied:
+    """A kernel that, after each launch, calls ``seen(configuration, args)``."""
 
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
+    def __init__(self, kernel, seen):
+        self.kernel, self.seen = kernel, seen
 
     def __getitem__(self, configuration):
-        self.launches += 1
-        return self.kernel[configuration]
+        launch = self.kernel[configuration]
+
+        def spied(*args):
+            launch(*args)
+            self.seen(configuration, args)
+
+        return spied
+
+
+def spy_on_kernels(monkeypatch, seen, updates=True):
+    """Make ``_cuda``'s sums kernel, and its update kernels if ``updates``, :class:`Spied`."""
+    monkeypatch.setattr(_cuda, "sums_of_chunks", Spied(_cuda.sums_of_chunks, seen))
+    if updates:
+        for name, kernel in _cuda.UPDATE_KERNELS.items():
+            monkeypatch.setitem(_cuda.UPDATE_KERNELS, name, Spied(kernel, seen))
 
 
 @pytest.fixture
 def launches(monkeypatch):
     """The number of kernel launches so far, all of ``_cuda``'s kernels counted."""
-    counters = [LaunchCounter(_cuda.sums_of_chunks)]
-    monkeypatch.setattr(_cuda, "sums_of_chunks", counters[0])
-    for name, kernel in _cuda.UPDATE_KERNELS.items():
-        counters.append(LaunchCounter(kernel))
-        monkeypatch.setitem(_cuda.UPDATE_KERNELS, name, counters[-1])
-    return lambda: sum(counter.launches for counter in counters)
+    seen = []
+    spy_on_kernels(monkeypatch, lambda configuration, args: seen.append(configuration))
+    return lambda: len(seen)
 
 
 @pytest.mark.parametrize("width", [1, 3, 7])
@@ -665,17 +675,7 @@ def test_a_group_s_tuples_are_as_wide_as_the_next_power_of_two(pairs, widths, mo
     set_grid(monkeypatch, threads=2, min_blocks=1, max_blocks=2)
     monkeypatch.setattr(tunables, "GPU_CHUNK", 4)
     seen = []
-    sums = _cuda.sums_of_chunks
-
-    class Widths:
-        def __getitem__(self, configuration):
-            def launch(ws, gs, *rest):
-                seen.append((len(ws), len(gs)))
-                sums[configuration](ws, gs, *rest)
-
-            return launch
-
-    monkeypatch.setattr(_cuda, "sums_of_chunks", Widths())
+    spy_on_kernels(monkeypatch, lambda _, args: seen.append((len(args[0]), len(args[1]))), False)
     run_scale_all(oracle, flat_pairs([3] * pairs, [np.float32] * pairs, seed=40))
     assert seen == [(width, width) for width in widths]
 
@@ -851,21 +851,15 @@ def test_two_host_threads_on_one_stream_each_get_their_own_rate(scratch_handles,
     }
     devices = {name: [cuda.to_device(a) for a in pair] for name, pair in pairs.items()}
     a_summed, b_summed = threading.Event(), threading.Event()
-    sums = _cuda.sums_of_chunks
 
-    class PausingAfterASums:
-        def __getitem__(self, configuration):
-            def launch(*args):
-                sums[configuration](*args)
-                if threading.current_thread().name == "A":
-                    a_summed.set()
-                    b_summed.wait(timeout=2)
-                else:
-                    b_summed.set()
+    def pause_after_a_s_sums(configuration, args):
+        if threading.current_thread().name == "A":
+            a_summed.set()
+            b_summed.wait(timeout=2)
+        else:
+            b_summed.set()
 
-            return launch
-
-    monkeypatch.setattr(_cuda, "sums_of_chunks", PausingAfterASums())
+    spy_on_kernels(monkeypatch, pause_after_a_s_sums, updates=False)
 
     def call(name):
         if name == "B":
@@ -936,27 +930,15 @@ class StreamLog:
         monkeypatch.setattr(_cuda, "_new_event", Event)
         monkeypatch.setattr(_cuda, "_numba_stream", numba_stream)
         monkeypatch.setattr(cuda, "synchronize", Event.synchronize)
-        kernels = [("sums_of_chunks", _cuda.sums_of_chunks)]
-        kernels += [(name, kernel) for name, kernel in _cuda.UPDATE_KERNELS.items()]
-        for name, kernel in kernels:
-            logged = self.logging(kernel)
-            if name == "sums_of_chunks":
-                monkeypatch.setattr(_cuda, name, logged)
-            else:
-                monkeypatch.setitem(_cuda.UPDATE_KERNELS, name, logged)
+        spy_on_kernels(
+            monkeypatch,
+            lambda configuration, args: self.entries.append(
+                ("launch", self.handle(configuration[2]))
+            ),
+        )
 
     def handle(self, stream):
         return next(handle for handle, known in self.streams.items() if known is stream)
-
-    def logging(self, kernel):
-        log = self
-
-        class Logged:
-            def __getitem__(self, configuration):
-                log.entries.append(("launch", log.handle(configuration[2])))
-                return kernel[configuration]
-
-        return Logged()
 
 
 @pytest.mark.parametrize(

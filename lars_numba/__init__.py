@@ -3,7 +3,8 @@
 ``scale(w, g)`` scales the gradient ``g`` of the weights ``w`` in place by the
 LARS trust ratio, exactly as Chainer's ``GradientLARS`` hook does for one
 parameter; ``trust_ratio(w, g)`` returns the ratio without touching ``g``;
-``scale_all(ws, gs)`` scales the gradients of a whole model in one call.
+``scale_all(ws, gs)`` scales the gradients of a whole model in one call;
+``momentum_step(ws, gs, vs, lr=...)`` takes a whole LARS momentum-SGD step.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 from . import _api
 
-__all__ = ["__version__", "scale", "scale_all", "trust_ratio"]
+__all__ = ["__version__", "momentum_step", "scale", "scale_all", "trust_ratio"]
 
 __version__ = version("lars_numba")
 
@@ -254,5 +255,138 @@ def scale_all(
         weight_decay_mask,
         trust_ratio_mask,
         rates,
+        parallel,
+    )
+
+
+def momentum_step(
+    ws: Sequence[np.ndarray],
+    gs: Sequence[np.ndarray],
+    vs: Sequence[np.ndarray],
+    *,
+    lr: float,
+    momentum: float = 0.9,
+    threshold: float = 1e-2,
+    weight_decay: float = 0.0,
+    eps: float = 1e-9,
+    trust_coefficient: float = 1.0,
+    denominator: str = "sum",
+    clip: bool = False,
+    weight_decay_mask: Sequence[bool] | None = None,
+    trust_ratio_mask: Sequence[bool] | None = None,
+    grad_scale: float = 1.0,
+    skip_nonfinite: bool = False,
+    masters: Sequence[np.ndarray | None] | None = None,
+    rates: np.ndarray | None = None,
+    parallel: bool = True,
+) -> bool:
+    """One LARS momentum-SGD step of every pair, fused: two passes over memory.
+
+    For each pair, with ``G = grad_scale * gs[i]`` and ``W`` the weights
+    (``masters[i]`` where given, else ``ws[i]``)::
+
+        rate = the rate of scale_all for W and G, with the same arguments
+        v   <- momentum * v - lr * rate * (G + weight_decay * W)
+        W   <- W + v
+
+    in Chainer's ``MomentumSGD`` convention (with ``v = 0`` at the start the
+    same steps as timm's and optax's momentum). Every value is computed in
+    float64 from the arrays' values and rounded once to the dtype of the
+    array it is written to; ``gs[i]`` is only read. The rates are those of
+    :func:`scale_all` on ``W`` and ``G``, bit for bit, whatever the thread
+    count and the other pairs of the call.
+
+    Parameters
+    ----------
+    ws : sequence of numpy.ndarray
+        The weights, updated in place; float16, float32 or float64, any shape
+        and layout.
+    gs : sequence of numpy.ndarray
+        The gradients, ``gs[i]`` of the dtype and shape of ``ws[i]``; they may
+        be read-only.
+    vs : sequence of numpy.ndarray
+        The velocities, updated in place: ``vs[i]`` of the shape of ``ws[i]``
+        and of its dtype, or float32 where ``ws[i]`` is float16 or has a master.
+    lr : float
+        The learning rate, finite and >= 0 (> 0 with ``clip``).
+    momentum : float, optional
+        Finite and >= 0.
+    threshold, weight_decay, eps, trust_coefficient, denominator : optional
+        As for :func:`scale`.
+    clip : bool, optional
+        LARC's clipping with this ``lr``: the rate becomes ``min(rate / lr, 1)``.
+    weight_decay_mask, trust_ratio_mask : sequence of bool, optional
+        As for :func:`scale_all`.
+    grad_scale : float, optional
+        A factor applied to every gradient inside both passes, for the norms
+        and the step: the inverse of a loss scale (MXNet's ``rescale_grad``).
+        Finite and > 0.
+    skip_nonfinite : bool, optional
+        If true and some gradient holds NaN or Inf (seen as a sum of squares
+        that is not finite, in the pass that takes the norms), nothing is
+        written and the call returns ``False``. A float64 gradient beyond
+        1e154 in magnitude, whose square overflows, counts as non-finite.
+    masters : sequence of numpy.ndarray or None, optional
+        One entry per pair, ``None`` or float32 weights of the shape of
+        ``ws[i]`` (the master copy of float16 weights) that the rule reads and
+        the step updates; ``ws[i]`` is then written as their rounding, in the
+        same pass.
+    rates : numpy.ndarray, optional
+        A float64 array of one entry per pair that receives each pair's rate
+        (left as it was when the step is skipped).
+    parallel : bool, optional
+        As for :func:`scale_all`.
+
+    Returns
+    -------
+    bool
+        Whether the step was taken: ``False`` only when ``skip_nonfinite``
+        found a non-finite gradient.
+
+    Raises
+    ------
+    TypeError
+        If an argument is not a sequence of NumPy arrays (CUDA arrays are not
+        taken yet), a dtype is not one described above, or a mask does not
+        hold booleans.
+    ValueError
+        If the sequences differ in length, a shape differs from that of
+        ``ws[i]``, a hyperparameter is out of range, a written array (``ws``,
+        ``vs``, ``masters``, ``rates``) is read-only or its address range
+        overlaps any other array of the call. Nothing is written when an
+        error is raised.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import lars_numba
+    >>> ws, gs, vs = [np.array([3.0, 4.0])], [np.array([0.6, 0.8])], [np.zeros(2)]
+    >>> lars_numba.momentum_step(ws, gs, vs, lr=0.1, eps=0.0)  # rate 5 / 1
+    True
+    >>> vs[0]  # -0.1 * 5 * g
+    array([-0.3, -0.4])
+    >>> ws[0]
+    array([2.7, 3.6])
+    """
+    return _api.momentum_step(
+        ws,
+        gs,
+        vs,
+        masters,
+        _api.hyperparameters(
+            threshold,
+            weight_decay,
+            eps,
+            trust_coefficient,
+            denominator,
+            grad_scale=grad_scale,
+            lr=lr,
+            momentum=momentum,
+        ),
+        clip,
+        weight_decay_mask,
+        trust_ratio_mask,
+        rates,
+        skip_nonfinite,
         parallel,
     )

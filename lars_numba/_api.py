@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _cpu, _layout
+from . import _cpu, _layout, _rule
 from ._layout import kernel_view
 from ._rule import HYPERPARAMETERS, Hyperparameters, hyperparameters
 
@@ -158,7 +158,7 @@ def scale(w, g, hyper: Hyperparameters, parallel: bool = True) -> float | None:
         # The update reads w while writing g: an overlap other than w being g
         # itself would read elements that were already scaled.
         w = w.copy()
-    return _cpu.pair_rate((kernel_view(w), kernel_view(g)), hyper, True, parallel)
+    return _cpu.pair_rate((kernel_view(w), kernel_view(g)), hyper, True, parallel)[0]
 
 
 def trust_ratio(w, g, hyper: Hyperparameters, parallel: bool = True) -> float:
@@ -170,7 +170,7 @@ def trust_ratio(w, g, hyper: Hyperparameters, parallel: bool = True) -> float:
         w, g, stream = _device_pair(w, g, writes_g=False)
         return _gpu_module().trust_ratio(w, g, hyper, stream)
     check_pair(w, g, writes_g=False)
-    return _cpu.pair_rate((kernel_view(w), kernel_view(g)), hyper, False, parallel)
+    return _cpu.pair_rate((kernel_view(w), kernel_view(g)), hyper, False, parallel)[0]
 
 
 # -- many pairs ----------------------------------------------------------------
@@ -296,3 +296,145 @@ def _scale_all_cpu(ws: list, gs: list, hyper, masks: np.ndarray, rates, parallel
             layout[i] = _layout.pair_layout(kernel_view(ws[i]), kernel_view(gs[i]))
     _layout.refuse_overlaps(layout, rates)
     _cpu.scale_many(ws, gs, layout, hyper, masks, rates, parallel)
+
+
+# -- the momentum step ------------------------------------------------------------
+
+_FLOAT16, _FLOAT32 = 0, 1  # kinds of _layout.array_rows
+
+
+def momentum_step(
+    ws: object,
+    gs: object,
+    vs: object,
+    masters: object,
+    hyper: Hyperparameters,
+    clip: bool,
+    weight_decay_mask: object,
+    trust_ratio_mask: object,
+    rates: object,
+    skip_nonfinite: bool,
+    parallel: bool,
+) -> bool:
+    """One momentum step of every pair after checking every argument (see
+    :func:`lars_numba.momentum_step`); whether it was taken.
+
+    ``clip`` makes the learning rate of ``hyper`` its ``clip_lr`` too.
+    """
+    if clip:
+        hyper = _rule.clipped_at_lr(hyper)
+    columns = {"ws": _array_sequence("ws", ws)}
+    pairs = len(columns["ws"])
+    for name, value in (("gs", gs), ("vs", vs)):
+        columns[name] = _array_sequence(name, value)
+        if len(columns[name]) != pairs:
+            raise ValueError(
+                f"{name} must hold one array per array of ws, {pairs}; got {len(columns[name])}"
+            )
+    if masters is not None:
+        masters = _array_sequence("masters", masters)
+        if len(masters) != pairs:
+            raise ValueError(
+                f"masters must hold one entry per array of ws, {pairs}; got {len(masters)}"
+            )
+    masks = pair_masks(pairs, weight_decay_mask, trust_ratio_mask)
+    if rates is not None:
+        _check_rates(rates, pairs)
+    with_master = np.zeros(pairs, bool)
+    if masters is not None:
+        with_master = np.fromiter((m is not None for m in masters), bool, pairs)
+        columns["masters"] = [m for m in masters if m is not None]
+    names = _MomentumNames(with_master)
+    rows, ids = {}, {}
+    for name, arrays in columns.items():
+        if not _layout.all_plain(arrays):
+            for index, array in enumerate(arrays):
+                label = names(name, index)
+                if on_gpu(array):
+                    raise TypeError(
+                        f"{label} is a CUDA array; momentum_step takes NumPy arrays only"
+                    )
+                _check_array(label, array)
+        rows[name], ids[name] = _layout.array_rows(arrays)
+        for index in np.flatnonzero(rows[name][:, _layout.KIND] < 0):
+            _check_array(names(name, index), arrays[index])
+    _check_momentum_pairs(columns, names, rows, ids, with_master)
+    layout = np.concatenate([rows[name] for name in columns])
+    if rates is not None:
+        low, high = _layout.memory_bounds(rates)
+        layout = np.concatenate((layout, [[low, high, rates.size, _layout.WRITEABLE, 3]]))
+    written = np.ones(len(layout), bool)
+    written[pairs : 2 * pairs] = False  # gs
+    first, second = _layout.first_overlap(
+        layout[:, _layout.LOW], layout[:, _layout.HIGH], np.arange(len(layout)), written
+    )
+    if first >= 0:
+        labels = [names(name, i) for name in columns for i in range(len(columns[name]))]
+        labels.append("rates")
+        raise ValueError(
+            f"{labels[min(first, second)]} and {labels[max(first, second)]} overlap in memory; "
+            "an array that is written must not overlap any other array of the call"
+        )
+    found = np.empty(pairs)
+    taken = _cpu.momentum_many(
+        columns, rows, with_master, hyper, masks, found, skip_nonfinite, parallel
+    )
+    if taken and rates is not None:
+        rates[...] = found
+    return taken
+
+
+class _MomentumNames:
+    """How the messages of ``momentum_step`` name its arrays, made when one is needed."""
+
+    def __init__(self, with_master: np.ndarray):
+        self.pairs_with_master = np.flatnonzero(with_master)
+
+    def pair(self, name: str, index: int) -> int:
+        """The pair of array ``index`` of the list ``name``."""
+        return int(self.pairs_with_master[index]) if name == "masters" else index
+
+    def __call__(self, name: str, index: int) -> str:
+        return f"{name}[{self.pair(name, index)}]"
+
+
+def _check_momentum_pairs(
+    columns: dict, names: _MomentumNames, rows: dict, ids: dict, with_master: np.ndarray
+) -> None:
+    """Raise unless each pair's arrays have the dtypes and shapes of
+    :func:`lars_numba.momentum_step` and those it writes are writeable."""
+    ws, w_kinds = columns["ws"], rows["ws"][:, _layout.KIND]
+    expected = {"gs": w_kinds, "vs": np.where(w_kinds == _FLOAT16, _FLOAT32, w_kinds)}
+    expected["vs"][with_master] = _FLOAT32
+    if "masters" in columns:
+        expected["masters"] = np.full(len(columns["masters"]), _FLOAT32)
+    for name, kinds in expected.items():
+        pair_of = names.pairs_with_master if name == "masters" else np.arange(len(ws))
+        wrong = np.flatnonzero(rows[name][:, _layout.KIND] != kinds)
+        if wrong.size:
+            index = wrong[0]
+            w_label, w = f"ws[{pair_of[index]}]", ws[pair_of[index]]
+            wanted = {
+                "gs": f"the dtype of {w_label}, {w.dtype}",
+                "vs": f"dtype {_FLOAT_DTYPES[kinds[index]]} for {w_label} of {w.dtype}"
+                + (" with a master" if with_master[pair_of[index]] else ""),
+                "masters": "dtype float32",
+            }[name]
+            raise TypeError(
+                f"{names(name, index)} must have {wanted}; got {columns[name][index].dtype}"
+            )
+        others, other_ids = ws, ids["ws"]
+        if name == "masters":
+            others = [ws[i] for i in pair_of]
+            other_ids = None if other_ids is None else other_ids[pair_of]
+        index = _layout.shapes_differ_at(columns[name], others, ids[name], other_ids)
+        if index >= 0:
+            raise ValueError(
+                f"{names(name, index)} must have the shape of ws[{pair_of[index]}], "
+                f"{others[index].shape}; got {columns[name][index].shape}"
+            )
+    for name in columns.keys() - {"gs"}:
+        read_only = np.flatnonzero(rows[name][:, _layout.FLAGS] & _layout.WRITEABLE == 0)
+        if read_only.size:
+            name_of = names(name, read_only[0])
+            raise ValueError(f"{name_of} must be writeable; got a read-only array")

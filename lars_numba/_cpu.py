@@ -178,10 +178,15 @@ def _store(value, array):
 rate_from_sums = njit(inline="always", **OPTIONS)(_rule.rate_from_sums)
 masked = njit(inline="always", **OPTIONS)(_rule.masked)
 
-#: The updates, compiled, and what they write, in the order of ``_rule.UPDATES``.
+#: The updates, compiled, in the order of ``_rule.UPDATES``.
 _UPDATES = tuple(njit(inline="always", **OPTIONS)(u.function) for u in _rule.UPDATES.values())
-_WRITTEN = tuple(u.written for u in _rule.UPDATES.values())
+_UPDATE_SHAPES = tuple(_rule.UPDATES.values())
 ZERO_SUMS = (0.0,) * _rule.SUMS
+
+#: What a call of the engine does: both passes (the updates of small pairs
+#: right after their sums); the sums pass alone, for the rates and whether
+#: every gradient is finite; or the update pass alone, with rates found before.
+BOTH, SUMS_ONLY, UPDATE_ONLY = 0, 1, 2
 
 
 # -- rows of a pair's arrays: generated for any number of arrays ---------------
@@ -224,21 +229,19 @@ def _rows_at(arrays, index):
     return _generated("rows", "arrays, index", f"({body},)", {})
 
 
-def views_at(addresses, pair, size, like, count):
-    """The ``count`` contiguous 1-d arrays of ``size`` elements at ``addresses[pair]``."""
+def views_at(addresses, pair, size, likes):
+    """The contiguous 1-d arrays of ``size`` elements at ``addresses[pair]``, one per
+    array of ``likes``, of its dtype."""
 
 
 @overload(views_at, inline="always")
-def _views_at(addresses, pair, size, like, count):
-    if not isinstance(count, types.IntegerLiteral):
-        return None  # Numba asks again with the constant's value
+def _views_at(addresses, pair, size, likes):
     body = ", ".join(
-        f"carray(pointer(addresses[pair, {k}]), size, like.dtype)"
-        for k in range(count.literal_value)
+        f"carray(pointer(addresses[pair, {k}]), size, likes[{k}].dtype)" for k in range(len(likes))
     )
     return _generated(
         "views",
-        "addresses, pair, size, like, count",
+        "addresses, pair, size, likes",
         f"({body},)",
         {"carray": carray, "pointer": _layout.address_as_pointer},
     )
@@ -266,7 +269,7 @@ strict_norm_terms = njit(inline="always", **STRICT_OPTIONS)(_rule.norm_terms)
 
 
 @intrinsic
-def vector_lanes(typingctx, w, g, weight_decay, count):
+def vector_lanes(typingctx, w, g, weight_decay, grad_scale, count):
     """Lane by lane, the sums of the first ``count`` terms of ``norm_terms`` over the
     whole blocks of ``LANES`` elements of the 1-d C-contiguous ``w`` and ``g``: a
     tuple of ``count * LANES``, sum by sum.
@@ -298,12 +301,17 @@ def vector_lanes(typingctx, w, g, weight_decay, count):
         size = builder.extract_value(
             context.make_array(signature.args[0])(context, builder, args[0]).shape, 0
         )
-        decay = builder.insert_element(
-            ir.Constant(lanes, ir.Undefined), args[2], ir.Constant(ir.IntType(32), 0)
-        )
-        decay = builder.shuffle_vector(
-            decay, decay, ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
-        )
+
+        def broadcast(value):
+            vector = builder.insert_element(
+                ir.Constant(lanes, ir.Undefined), value, ir.Constant(ir.IntType(32), 0)
+            )
+            return builder.shuffle_vector(
+                vector, vector, ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
+            )
+
+        decay = broadcast(args[2])
+        scale = broadcast(args[3])
         totals = [
             cgutils.alloca_once_value(builder, ir.Constant(lanes, [0.0] * LANES))
             for _ in range(sums)
@@ -312,7 +320,7 @@ def vector_lanes(typingctx, w, g, weight_decay, count):
         with cgutils.for_range(builder, blocks) as loop:
             start = builder.mul(loop.index, ir.Constant(size.type, LANES))
             w_lanes = block(signature.args[0], args[0], start)
-            g_lanes = block(signature.args[1], args[1], start)
+            g_lanes = builder.fmul(scale, block(signature.args[1], args[1], start))
             update = builder.fadd(g_lanes, builder.fmul(decay, w_lanes))
             terms = (
                 builder.fmul(w_lanes, w_lanes),
@@ -328,7 +336,8 @@ def vector_lanes(typingctx, w, g, weight_decay, count):
         ]
         return context.make_tuple(builder, signature.return_type, values)
 
-    return types.UniTuple(types.float64, sums * LANES)(w, g, weight_decay, count), codegen
+    signature = types.UniTuple(types.float64, sums * LANES)(w, g, weight_decay, grad_scale, count)
+    return signature, codegen
 
 
 def _scalar_lanes(count: int):
@@ -386,7 +395,9 @@ def _sums_loop(count: int):
     @overload(block_lanes, inline="always", jit_options=STRICT_OPTIONS)
     def _block_lanes(hyper, w, g):
         if w.layout == "C" and g.layout == "C":
-            return lambda hyper, w, g: vector_lanes(w, g, hyper[1], count)
+            return lambda hyper, w, g: vector_lanes(
+                w, g, hyper[_rule.WEIGHT_DECAY], hyper[_rule.GRAD_SCALE], count
+            )
         scalar = _SCALAR_LANES[count]
         return lambda hyper, w, g: scalar(hyper, w, g)
 
@@ -419,12 +430,14 @@ def _update_chunk(arrays, rate, hyper, update):
     if not isinstance(update, types.IntegerLiteral):
         return None  # Numba asks again with the constant's value
     number = update.literal_value
+    shape = _UPDATE_SHAPES[number]
+    stored = [(k, k) for k, written in enumerate(shape.written) if written]
+    if shape.rounded_copy:
+        stored.append((len(shape.written), 0))
     stores = "".join(
-        f"        arrays[{k}][i] = store(values[{k}], arrays[{k}])\n"
-        for k, written in enumerate(_WRITTEN[number])
-        if written
+        f"        arrays[{k}][i] = store(values[{value}], arrays[{k}])\n" for k, value in stored
     )
-    loads = ", ".join(f"load(arrays[{k}][i])" for k in range(len(_WRITTEN[number])))
+    loads = ", ".join(f"load(arrays[{k}][i])" for k in range(len(shape.written)))
     namespace = {"function": _UPDATES[number], "load": load, "store": store}
     exec(
         "def apply(arrays, rate, hyper, update):\n"
@@ -481,12 +494,18 @@ def add_in_order(total, sums):
 
 def _pair_kernels(update: int, parallel: bool, apply: bool):
     """The kernels over one pair, serial or on all threads: its rate and, if ``apply``,
-    update number ``update`` (without it, the arrays may be read-only)."""
+    update number ``update`` (without it, the arrays may be read-only).
+
+    Each takes a ``stage`` (:data:`BOTH`, :data:`SUMS_ONLY`, :data:`UPDATE_ONLY`)
+    and the rate to apply in the update pass alone, and returns the rate and
+    whether the gradient's sum of squares is finite (true in the update pass
+    alone, which takes no sums).
+    """
     loop = prange if parallel else range
     digest = _rule.SOURCE_DIGEST
 
     @njit(parallel=parallel, **KERNEL_OPTIONS)
-    def pair_rate(arrays, hyper, chunk):
+    def pair_rate(arrays, hyper, chunk, stage, rate):
         """The rate of the pair of 1-d ``arrays`` and, if ``apply``, the update.
 
         Both passes in one call, a chunk a task; a pair of one chunk is updated
@@ -495,35 +514,45 @@ def _pair_kernels(update: int, parallel: bool, apply: bool):
         assert digest
         size = arrays[0].shape[0]
         chunks = max(1, -(-size // chunk))
+        finite = True
         if chunks == 1:
-            rate = rate_from_sums(chunk_sums(hyper, arrays[0], arrays[1]), hyper)
-            if apply:
+            if stage != UPDATE_ONLY:
+                sums = chunk_sums(hyper, arrays[0], arrays[1])
+                rate = rate_from_sums(sums, hyper)
+                finite = np.isfinite(sums[1])
+            if apply and stage != SUMS_ONLY:
                 update_chunk(arrays, rate, hyper, update)
-            return rate
-        partial = np.empty((chunks, len(ZERO_SUMS)))
-        for index in loop(chunks):
-            part = chunk_of(arrays, index * chunk, (index + 1) * chunk)
-            store_sums(partial, index, chunk_sums(hyper, part[0], part[1]))
-        rate = rate_from_sums(total_in_order(partial, 0, chunks), hyper)
-        if apply:
+            return rate, finite
+        if stage != UPDATE_ONLY:
+            partial = np.empty((chunks, len(ZERO_SUMS)))
+            for index in loop(chunks):
+                part = chunk_of(arrays, index * chunk, (index + 1) * chunk)
+                store_sums(partial, index, chunk_sums(hyper, part[0], part[1]))
+            total = total_in_order(partial, 0, chunks)
+            rate = rate_from_sums(total, hyper)
+            finite = np.isfinite(total[1])
+        if apply and stage != SUMS_ONLY:
             for index in loop(chunks):
                 part = chunk_of(arrays, index * chunk, (index + 1) * chunk)
                 update_chunk(part, rate, hyper, update)
-        return rate
+        return rate, finite
 
     @njit(**KERNEL_OPTIONS)
-    def nd_rate(arrays, hyper):
+    def nd_rate(arrays, hyper, stage, rate):
         """:func:`pair_rate` for n-d arrays of any strides, row by row, on one thread."""
         assert digest
-        total = ZERO_SUMS
-        for index in np.ndindex(arrays[0].shape[:-1]):
-            rows = rows_at(arrays, index)
-            total = add_in_order(total, chunk_sums(hyper, rows[0], rows[1]))
-        rate = rate_from_sums(total, hyper)
-        if apply:
+        finite = True
+        if stage != UPDATE_ONLY:
+            total = ZERO_SUMS
+            for index in np.ndindex(arrays[0].shape[:-1]):
+                rows = rows_at(arrays, index)
+                total = add_in_order(total, chunk_sums(hyper, rows[0], rows[1]))
+            rate = rate_from_sums(total, hyper)
+            finite = np.isfinite(total[1])
+        if apply and stage != SUMS_ONLY:
             for index in np.ndindex(arrays[0].shape[:-1]):
                 update_chunk(rows_at(arrays, index), rate, hyper, update)
-        return rate
+        return rate, finite
 
     return pair_rate, nd_rate
 
@@ -564,25 +593,26 @@ def pair_batches(sizes, itemsize, batch_bytes):
 
 
 def _many_pairs_kernel(update: int, parallel: bool):
-    """The kernel of :func:`scale_many` for update number ``update``, serial or threaded."""
+    """The kernel of :func:`run_many` for update number ``update``, serial or threaded."""
     loop = prange if parallel else range
     digest = _rule.SOURCE_DIGEST
-    arrays_per_pair = len(_rule.UPDATES[tuple(_rule.UPDATES)[update]].written)
 
     @njit(parallel=parallel, **KERNEL_OPTIONS)
-    def many_rates(addresses, sizes, hyper, masks, rates, like, tasks, chunk, batch_bytes):
-        """Update each pair of contiguous arrays at ``addresses``, of ``like``'s dtype.
+    def many_rates(addresses, sizes, hyper, masks, rates, likes, tasks, chunk, batch_bytes, stage):
+        """Update each pair of contiguous arrays at ``addresses``, of ``likes``' dtypes.
 
         ``masks[pair]`` holds whether the pair gets weight decay and its trust
-        ratio; ``rates[pair]`` receives its rate. The pairs go in batches of
-        about ``batch_bytes``, each through both passes, and every pair is cut
-        into chunks. A pair of one chunk is updated as soon as its sums are
-        known, while it is still in a core's cache; the chunks of larger pairs
-        are updated after their sums are added up, in chunk order, so that
-        the result does not depend on the thread count. Each pass cuts the
-        batch's chunks into ``tasks`` runs of about equal work, a run per
-        thread: an even share of the chunks would not do, as they range from
-        a handful of elements to ``chunk``.
+        ratio; ``rates[pair]`` receives its rate (or, in the update pass alone,
+        holds it). The pairs go in batches of about ``batch_bytes``, each
+        through both passes, and every pair is cut into chunks. A pair of one
+        chunk is updated as soon as its sums are known, while it is still in a
+        core's cache; the chunks of larger pairs are updated after their sums
+        are added up, in chunk order, so that the result does not depend on
+        the thread count. Each pass cuts the batch's chunks into ``tasks`` runs
+        of about equal work, a run per thread: an even share of the chunks
+        would not do, as they range from a handful of elements to ``chunk``.
+
+        Returns whether every gradient's sum of squares is finite.
         """
         assert digest
         pairs = sizes.shape[0]
@@ -591,54 +621,59 @@ def _many_pairs_kernel(update: int, parallel: bool):
             first_chunk[pair + 1] = first_chunk[pair] + max(1, -(-sizes[pair] // chunk))
         chunks = first_chunk[pairs]
         chunk_pair = np.empty(chunks, np.int64)
-        # Element passes over memory in the first loop, then in the last.
+        # Element passes over memory in the first loop, then in the last; a
+        # chunk of no work in the last loop is updated in the first.
         first_work = np.empty(chunks)
         last_work = np.empty(chunks)
         for pair in range(pairs):
-            whole = first_chunk[pair + 1] - first_chunk[pair] == 1
+            whole = first_chunk[pair + 1] - first_chunk[pair] == 1 and stage == BOTH
             for index in range(first_chunk[pair], first_chunk[pair + 1]):
                 chunk_pair[index] = pair
                 elements = min(chunk, sizes[pair] - (index - first_chunk[pair]) * chunk)
                 first_work[index] = (3 if whole else 2) * (elements + 1)
-                last_work[index] = 0 if whole else 3 * elements
+                last_work[index] = 0 if whole or stage == SUMS_ONLY else 3 * elements
         partial = np.empty((chunks, len(ZERO_SUMS)))
+        finite = True
 
-        batches = pair_batches(sizes, like.itemsize, batch_bytes)
+        batches = pair_batches(sizes, likes[0].itemsize, batch_bytes)
         for batch in range(batches.shape[0] - 1):
             top = first_chunk[batches[batch]]
             bottom = first_chunk[batches[batch + 1]]
 
-            splits = top + balanced_splits(first_work[top:bottom], tasks)
-            for task in loop(tasks):
-                for index in range(splits[task], splits[task + 1]):
-                    pair = chunk_pair[index]
-                    start = (index - first_chunk[pair]) * chunk
-                    views = views_at(addresses, pair, sizes[pair], like, arrays_per_pair)
-                    part = chunk_of(views, start, start + chunk)
-                    pair_hyper = masked(hyper, masks[pair, 0], masks[pair, 1])
-                    sums = chunk_sums(pair_hyper, part[0], part[1])
-                    if last_work[index] == 0:
-                        rates[pair] = rate_from_sums(sums, pair_hyper)
-                        update_chunk(part, rates[pair], pair_hyper, update)
-                    store_sums(partial, index, sums)
-
-            for pair in range(batches[batch], batches[batch + 1]):
-                if first_chunk[pair + 1] - first_chunk[pair] > 1:
-                    pair_hyper = masked(hyper, masks[pair, 0], masks[pair, 1])
-                    sums = total_in_order(partial, first_chunk[pair], first_chunk[pair + 1])
-                    rates[pair] = rate_from_sums(sums, pair_hyper)
-
-            splits = top + balanced_splits(last_work[top:bottom], tasks)
-            for task in loop(tasks):
-                for index in range(splits[task], splits[task + 1]):
-                    if last_work[index] > 0:
+            if stage != UPDATE_ONLY:
+                splits = top + balanced_splits(first_work[top:bottom], tasks)
+                for task in loop(tasks):
+                    for index in range(splits[task], splits[task + 1]):
                         pair = chunk_pair[index]
                         start = (index - first_chunk[pair]) * chunk
-                        views = views_at(addresses, pair, sizes[pair], like, arrays_per_pair)
+                        views = views_at(addresses, pair, sizes[pair], likes)
+                        part = chunk_of(views, start, start + chunk)
                         pair_hyper = masked(hyper, masks[pair, 0], masks[pair, 1])
-                        update_chunk(
-                            chunk_of(views, start, start + chunk), rates[pair], pair_hyper, update
-                        )
+                        sums = chunk_sums(pair_hyper, part[0], part[1])
+                        if stage == BOTH and last_work[index] == 0:
+                            rates[pair] = rate_from_sums(sums, pair_hyper)
+                            update_chunk(part, rates[pair], pair_hyper, update)
+                        store_sums(partial, index, sums)
+
+                for pair in range(batches[batch], batches[batch + 1]):
+                    sums = total_in_order(partial, first_chunk[pair], first_chunk[pair + 1])
+                    finite = finite and np.isfinite(sums[1])
+                    if stage != BOTH or first_chunk[pair + 1] - first_chunk[pair] > 1:
+                        pair_hyper = masked(hyper, masks[pair, 0], masks[pair, 1])
+                        rates[pair] = rate_from_sums(sums, pair_hyper)
+
+            if stage != SUMS_ONLY:
+                splits = top + balanced_splits(last_work[top:bottom], tasks)
+                for task in loop(tasks):
+                    for index in range(splits[task], splits[task + 1]):
+                        if last_work[index] > 0:
+                            pair = chunk_pair[index]
+                            start = (index - first_chunk[pair]) * chunk
+                            views = views_at(addresses, pair, sizes[pair], likes)
+                            pair_hyper = masked(hyper, masks[pair, 0], masks[pair, 1])
+                            part = chunk_of(views, start, start + chunk)
+                            update_chunk(part, rates[pair], pair_hyper, update)
+        return finite
 
     return many_rates
 
@@ -675,17 +710,26 @@ _PAIR_KERNELS = {
 }
 
 
-def pair_rate(arrays: tuple, hyper, apply: bool, parallel: bool, update: str = "scale") -> float:
-    """The rate of one validated pair (float16 as bit patterns) and, if ``apply``, its update.
+def pair_rate(
+    arrays: tuple,
+    hyper,
+    apply: bool,
+    parallel: bool,
+    update: str = "scale",
+    stage: int = BOTH,
+    rate: float = 1.0,
+) -> tuple[float, bool]:
+    """The rate of one validated pair (float16 as bit patterns) and, if ``apply``, its
+    update; and whether the gradient's sum of squares is finite.
 
-    ``arrays`` starts with ``w`` and ``g``, of one shape and dtype.
+    ``arrays`` are the arrays of update ``update``, of one shape, starting
+    with the weights and the gradient; ``stage`` and ``rate`` are as for the
+    kernels of :func:`_pair_kernels`.
     """
     serial, threaded = _PAIR_KERNELS[update, apply]
-    flat = _layout.flat_views(arrays[0], arrays[1])
+    flat = _layout.flat_views(*arrays)
     if flat is None:
-        return serial[1](arrays, hyper)
-    if len(arrays) > 2:
-        flat = (*flat, *(array.reshape(-1) for array in arrays[2:]))
+        return serial[1](arrays, hyper, stage, rate)
     # _threaded inline: this is the path of every small call.
     if (
         parallel
@@ -693,14 +737,51 @@ def pair_rate(arrays: tuple, hyper, apply: bool, parallel: bool, update: str = "
         and _parallel_slot.acquire(False)
     ):
         try:
-            return threaded[0](flat, hyper, tunables.CPU_CHUNK)
+            return threaded[0](flat, hyper, tunables.CPU_CHUNK, stage, rate)
         finally:
             _parallel_slot.release()
-    return serial[0](flat, hyper, tunables.CPU_CHUNK)
+    return serial[0](flat, hyper, tunables.CPU_CHUNK, stage, rate)
 
 
 #: A zero-size array of what the kernels take for each itemsize: float16 as bits.
-_EMPTY_OF_ITEMSIZE = {2: np.empty(0, np.uint16), 4: np.empty(0, np.float32), 8: np.empty(0)}
+EMPTY_OF_ITEMSIZE = {2: np.empty(0, np.uint16), 4: np.empty(0, np.float32), 8: np.empty(0)}
+
+
+def run_many(
+    update: str,
+    addresses: np.ndarray,
+    sizes: np.ndarray,
+    likes: tuple,
+    hyper,
+    masks: np.ndarray,
+    rates: np.ndarray,
+    parallel: bool,
+    stage: int = BOTH,
+) -> bool:
+    """One call of the many-pairs kernel of ``update`` on contiguous validated pairs.
+
+    ``addresses[i]`` holds the addresses of pair ``i``'s arrays, ``likes``
+    an empty array of each one's kernel dtype; ``rates`` (float64, one per
+    pair) receives the rates or, for :data:`UPDATE_ONLY`, holds them. Returns
+    whether every gradient's sum of squares is finite.
+    """
+    threaded = _threaded(parallel, int(sizes.sum()))
+    try:
+        return _KERNELS[update][threaded][2](
+            addresses,
+            sizes,
+            hyper,
+            masks,
+            rates,
+            likes,
+            get_num_threads() if threaded else 1,
+            tunables.CPU_CHUNK,
+            tunables.CPU_BATCH_BYTES,
+            stage,
+        )
+    finally:
+        if threaded:
+            _parallel_slot.release()
 
 
 def scale_many(ws, gs, layout, hyper, masks, rates, parallel: bool = True) -> None:
@@ -716,25 +797,126 @@ def scale_many(ws, gs, layout, hyper, masks, rates, parallel: bool = True) -> No
     itemsizes = layout[:, _layout.ITEMSIZE]
     for itemsize in np.unique(itemsizes[contiguous]):
         members = np.flatnonzero(contiguous & (itemsizes == itemsize))
-        sizes = layout[members, _layout.SIZE]
         group_rates = np.empty(members.size)
-        threaded = _threaded(parallel, int(sizes.sum()))
-        try:
-            _KERNELS["scale"][threaded][2](
-                layout[members][:, [_layout.W_LOW, _layout.G_LOW]],
-                sizes,
-                hyper,
-                masks[members],
-                group_rates,
-                _EMPTY_OF_ITEMSIZE[int(itemsize)],
-                get_num_threads() if threaded else 1,
-                tunables.CPU_CHUNK,
-                tunables.CPU_BATCH_BYTES,
-            )
-        finally:
-            if threaded:
-                _parallel_slot.release()
+        like = EMPTY_OF_ITEMSIZE[int(itemsize)]
+        run_many(
+            "scale",
+            layout[members][:, [_layout.W_LOW, _layout.G_LOW]],
+            layout[members, _layout.SIZE],
+            (like, like),
+            hyper,
+            masks[members],
+            group_rates,
+            parallel,
+        )
         rates[members] = group_rates
     for i in np.flatnonzero(~contiguous):
         pair = (_layout.kernel_view(ws[i]), _layout.kernel_view(gs[i]))
-        rates[i] = pair_rate(pair, _rule.masked(hyper, *masks[i]), True, parallel)
+        rates[i] = pair_rate(pair, _rule.masked(hyper, *masks[i]), True, parallel)[0]
+
+
+#: A zero-size array of what the kernels take for each kind of
+#: :func:`lars_numba._layout.array_rows`: float16 as bits, float32, float64.
+_EMPTY_OF_KIND = (EMPTY_OF_ITEMSIZE[2], EMPTY_OF_ITEMSIZE[4], EMPTY_OF_ITEMSIZE[8])
+
+
+def momentum_many(
+    columns: dict,
+    rows: dict,
+    with_master: np.ndarray,
+    hyper,
+    masks: np.ndarray,
+    rates: np.ndarray,
+    skip_nonfinite: bool,
+    parallel: bool,
+) -> bool:
+    """One momentum step of every validated pair; whether it was taken.
+
+    ``columns`` holds the lists ``ws``, ``gs``, ``vs`` and, if some pairs
+    have one, ``masters`` (of those pairs only, in order), ``rows`` their
+    rows of :func:`lars_numba._layout.array_rows`, ``with_master`` which pairs
+    have a master, and ``rates`` receives the rates. The contiguous pairs of
+    each combination of dtypes take one call of the many-pairs kernel; the
+    rare strided ones go through :func:`pair_rate` one by one. With
+    ``skip_nonfinite``, every pair's sums are taken first and the update pass
+    runs only if every gradient's sum of squares is finite.
+    """
+    pairs = len(columns["ws"])
+    w_rows = rows["ws"]
+    first = w_rows.copy()  # the rows of the arrays the rule reads as the weights
+    masters: list = [None] * pairs
+    pairs_with_master = np.flatnonzero(with_master)
+    for pair, master, row in zip(
+        pairs_with_master, columns.get("masters", ()), rows.get("masters", ()), strict=True
+    ):
+        masters[pair] = master
+        first[pair] = row
+    ordered = (first, rows["gs"], rows["vs"], w_rows)
+    both = np.bitwise_and.reduce([r[:, _layout.FLAGS] for r in ordered])
+    contiguous = both & (_layout.C_CONTIGUOUS | _layout.F_CONTIGUOUS) != 0
+    kinds = np.column_stack([r[:, _layout.KIND] for r in ordered[:3]])
+    keys = with_master * 64 + kinds @ np.array([16, 4, 1])
+    addresses = np.column_stack([r[:, _layout.LOW] for r in ordered])
+    sizes = w_rows[:, _layout.ARRAY_SIZE]
+
+    calls = []
+    for key in np.unique(keys[contiguous]):
+        members = np.flatnonzero(contiguous & (keys == key))
+        master = bool(key // 64)
+        likes = tuple(_EMPTY_OF_KIND[kind] for kind in kinds[members[0]])
+        if master:
+            likes = (*likes, _EMPTY_OF_KIND[w_rows[members[0], _layout.KIND]])
+        arity = len(likes)
+        calls.append(
+            (
+                "momentum_master" if master else "momentum",
+                np.ascontiguousarray(addresses[members, :arity]),
+                sizes[members],
+                likes,
+                masks[members],
+                members,
+            )
+        )
+    strided = []
+    for pair in np.flatnonzero(~contiguous):
+        w, g, v = (columns[name][pair] for name in ("ws", "gs", "vs"))
+        arrays = (w, g, v) if masters[pair] is None else (masters[pair], g, v, w)
+        strided.append(
+            (
+                "momentum_master" if masters[pair] is not None else "momentum",
+                tuple(map(_layout.kernel_view, arrays)),
+                _rule.masked(hyper, *masks[pair]),
+                pair,
+            )
+        )
+
+    def run(stage: int) -> bool:
+        finite = True
+        for update, group_addresses, group_sizes, likes, group_masks, members in calls:
+            group_rates = np.ascontiguousarray(rates[members])
+            finite &= run_many(
+                update,
+                group_addresses,
+                group_sizes,
+                likes,
+                hyper,
+                group_masks,
+                group_rates,
+                parallel,
+                stage,
+            )
+            rates[members] = group_rates
+        for update, arrays, pair_hyper, pair in strided:
+            rates[pair], pair_finite = pair_rate(
+                arrays, pair_hyper, True, parallel, update, stage, rates[pair]
+            )
+            finite &= pair_finite
+        return finite
+
+    if not skip_nonfinite:
+        run(BOTH)
+        return True
+    if not run(SUMS_ONLY):
+        return False
+    run(UPDATE_ONLY)
+    return True

@@ -283,8 +283,13 @@ def _update_kernel(update: int):
     return update_chunks
 
 
-#: The update kernels, by the update's name.
-UPDATE_KERNELS = {name: _update_kernel(number) for number, name in enumerate(_rule.UPDATES)}
+#: The update kernels, by the update's name: for now, of the updates of pairs of
+#: two arrays (``momentum_step`` runs on the CPU only).
+UPDATE_KERNELS = {
+    name: _update_kernel(number)
+    for number, (name, update) in enumerate(_rule.UPDATES.items())
+    if update.arrays == 2
+}
 
 
 # -- streams -------------------------------------------------------------------

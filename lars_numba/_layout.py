@@ -16,21 +16,22 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 
-def flat_views(w, g):
-    """1-d views of ``w`` and ``g`` that pair the same elements, or ``None``.
+def flat_views(*arrays):
+    """1-d views of ``arrays``, of one shape, that pair the same elements, or ``None``.
 
     Works for NumPy arrays and Numba device arrays alike: 0-d arrays become
     one element, arrays contiguous in the same order are raveled in it, 1-d
     arrays of any stride stay as they are.
     """
-    if w.ndim == 1:
+    ndim = arrays[0].ndim
+    if ndim == 1:
         # Already 1-d; a Numba device array refuses to reshape when strided.
-        return w, g
-    if w.ndim == 0:
-        return w.reshape(1), g.reshape(1)
+        return arrays
+    if ndim == 0:
+        return tuple(array.reshape(1) for array in arrays)
     for order, flag in (("C", "C_CONTIGUOUS"), ("F", "F_CONTIGUOUS")):
-        if w.flags[flag] and g.flags[flag]:
-            return w.ravel(order), g.ravel(order)
+        if all(array.flags[flag] for array in arrays):
+            return tuple(array.ravel(order) for array in arrays)
     return None
 
 
@@ -242,6 +243,13 @@ def _reading_agrees() -> bool:
 _agrees: list[bool] = []
 
 
+def _reading_trusted() -> bool:
+    """Whether the array objects may be read directly here: checked once per process."""
+    if not _agrees:
+        _agrees.append(_reading_agrees())
+    return _agrees[0]
+
+
 def plain_layouts(ws: list, gs: list) -> np.ndarray | None:
     """:func:`pair_layout`'s rows of every pair, read in one call, if all are plain.
 
@@ -249,11 +257,9 @@ def plain_layouts(ws: list, gs: list) -> np.ndarray | None:
     shape with a writeable ``g`` (then the caller checks each pair, to name
     what is wrong), or if reading the arrays' objects cannot be trusted here.
     """
-    if not _agrees:
-        _agrees.append(_reading_agrees())
     kinds = set(map(type, ws))
     kinds.update(map(type, gs))
-    if not _agrees[0] or kinds - {np.ndarray}:
+    if not _reading_trusted() or kinds - {np.ndarray}:
         return None
     pairs = len(ws)
     layout = np.empty((pairs, len(LAYOUT_COLUMNS)), np.int64)
@@ -261,6 +267,102 @@ def plain_layouts(ws: list, gs: list) -> np.ndarray | None:
     if read_layouts(*ids, _DESCRS, _ITEMSIZES, layout) != -1:
         return None
     return layout
+
+
+# -- arrays one by one, for calls of more than two arrays per pair -------------
+
+#: The columns of :func:`array_rows`' rows.
+ARRAY_COLUMNS = range(5)
+LOW, HIGH, ARRAY_SIZE, FLAGS, KIND = ARRAY_COLUMNS
+C_CONTIGUOUS, F_CONTIGUOUS, WRITEABLE = _C_CONTIGUOUS, _F_CONTIGUOUS, _WRITEABLE
+
+
+@njit(cache=True, nogil=True)
+def read_arrays(ids, descrs, itemsizes, rows):
+    """Fill ``rows`` with the byte range, size, flags and float kind (an index of
+    ``descrs``, -1 for another dtype) of each plain array object at ``ids``."""
+    for index in range(ids.shape[0]):
+        descr = _word(ids[index] + _DESCR)
+        kind = -1
+        for candidate in range(descrs.shape[0]):
+            if descrs[candidate] == descr:
+                kind = candidate
+        rows[index, KIND] = kind
+        if kind >= 0:
+            low, high, size, flags = _bounds_of(ids[index], itemsizes[kind])
+            rows[index, LOW] = low
+            rows[index, HIGH] = high
+            rows[index, ARRAY_SIZE] = size
+            rows[index, FLAGS] = flags
+
+
+@njit(cache=True, nogil=True)
+def first_shape_difference(ids, other_ids):
+    """The first index at which the plain arrays at ``ids`` and ``other_ids`` differ
+    in shape, or -1."""
+    for index in range(ids.shape[0]):
+        nd = _int(ids[index] + _ND)
+        if _int(other_ids[index] + _ND) != nd:
+            return index
+        shape = carray(address_as_pointer(_word(ids[index] + _DIMENSIONS)), nd, np.int64)
+        other = carray(address_as_pointer(_word(other_ids[index] + _DIMENSIONS)), nd, np.int64)
+        for axis in range(nd):
+            if shape[axis] != other[axis]:
+                return index
+    return -1
+
+
+def _attribute_row(array: np.ndarray) -> tuple[int, int, int, int, int]:
+    """:func:`array_rows`' row of one array, read through its attributes."""
+    kind = _FLOATS.index(array.dtype) if array.dtype in _FLOATS else -1
+    if kind < 0:
+        return 0, 0, 0, 0, kind
+    low, high = memory_bounds(kernel_view(array))
+    flags = (
+        C_CONTIGUOUS * array.flags.c_contiguous
+        | F_CONTIGUOUS * array.flags.f_contiguous
+        | WRITEABLE * array.flags.writeable
+    )
+    return low, high, array.size, flags, kind
+
+
+def all_plain(arrays: list) -> bool:
+    """Whether every one of ``arrays`` is exactly a ``numpy.ndarray``: a set of their
+    types, three times quicker than a test of each."""
+    return set(map(type, arrays)) <= {np.ndarray}
+
+
+def array_rows(arrays: list) -> tuple[np.ndarray, np.ndarray | None]:
+    """A row per NumPy array of ``arrays``: its byte range ``[LOW, HIGH)``, size, flags
+    (``C_CONTIGUOUS``, ``F_CONTIGUOUS``, ``WRITEABLE``) and ``KIND``, the index of
+    its dtype in float16, float32, float64 (-1 for any other dtype); and the
+    arrays' ids for :func:`shapes_differ_at`.
+
+    Read in one compiled call from the objects of plain arrays (see
+    :func:`plain_layouts`), through the attributes of any other (and then
+    the ids are ``None``).
+    """
+    rows = np.empty((len(arrays), len(ARRAY_COLUMNS)), np.int64)
+    if _reading_trusted() and all_plain(arrays):
+        ids = np.fromiter(map(id, arrays), np.int64, len(arrays))
+        read_arrays(ids, _DESCRS, _ITEMSIZES, rows)
+        return rows, ids
+    for index, array in enumerate(arrays):
+        rows[index] = _attribute_row(array)
+    return rows, None
+
+
+def shapes_differ_at(arrays: list, others: list, ids, other_ids) -> int:
+    """The first index at which ``arrays`` and ``others`` differ in shape, or -1.
+
+    ``ids`` and ``other_ids`` are theirs from :func:`array_rows`, or ``None``.
+    """
+    if ids is not None and other_ids is not None:
+        return first_shape_difference(ids, other_ids)
+    return next(
+        (i for i, (a, b) in enumerate(zip(arrays, others, strict=True)) if a.shape != b.shape),
+        -1,
+    )
 
 
 @njit(cache=True, nogil=True)

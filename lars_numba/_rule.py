@@ -23,7 +23,10 @@ from typing import NamedTuple
 #: The hyperparameters of the rule, in the order of the plain tuple every
 #: kernel receives (a plain tuple of floats: Numba takes a named tuple argument
 #: about 0.5 us slower per call). ``denominator`` is 0.0 for ``"sum"`` and 1.0
-#: for ``"update"``; ``clip_lr`` is 0.0 for no clipping.
+#: for ``"update"``; ``clip_lr`` is 0.0 for no clipping. The last three are
+#: the momentum step's (:func:`momentum_step`): the factor every gradient is
+#: multiplied by first (the inverse of a loss scale), the learning rate and
+#: the momentum.
 HYPERPARAMETERS = (
     "threshold",
     "weight_decay",
@@ -31,15 +34,21 @@ HYPERPARAMETERS = (
     "trust_coefficient",
     "denominator",
     "clip_lr",
+    "grad_scale",
+    "lr",
+    "momentum",
 )
 
-Hyperparameters = tuple[float, float, float, float, float, float]
+Hyperparameters = tuple[float, float, float, float, float, float, float, float, float]
 
 #: The values ``denominator`` takes, and their codes in the tuple.
 DENOMINATORS = {"sum": 0.0, "update": 1.0}
 
-#: Where the code of ``denominator`` is in the tuple.
-DENOMINATOR = HYPERPARAMETERS.index("denominator")
+#: Where some of the hyperparameters are in the tuple, for the rule's lines.
+WEIGHT_DECAY, DENOMINATOR, CLIP_LR, GRAD_SCALE, LR, MOMENTUM = (
+    HYPERPARAMETERS.index(name)
+    for name in ("weight_decay", "denominator", "clip_lr", "grad_scale", "lr", "momentum")
+)
 
 
 def hyperparameters(
@@ -49,6 +58,10 @@ def hyperparameters(
     trust_coefficient: float = 1.0,
     denominator: str = "sum",
     clip_lr: float | None = None,
+    *,
+    grad_scale: float = 1.0,
+    lr: float = 0.0,
+    momentum: float = 0.0,
 ) -> Hyperparameters:
     """Check the hyperparameters and return them as the kernels' tuple of floats."""
     # The common case, plain finite non-negative floats and the defaults, is
@@ -64,13 +77,14 @@ def hyperparameters(
         and trust_coefficient == 1.0
         and denominator == "sum"
         and clip_lr is None
+        and grad_scale == 1.0
+        and lr == 0.0
+        and momentum == 0.0
     ):
-        return (threshold, weight_decay, eps, 1.0, 0.0, 0.0)
+        return (threshold, weight_decay, eps, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0)
     values = (threshold, weight_decay, eps, trust_coefficient)
     for name, value in zip(HYPERPARAMETERS[: len(values)], values, strict=True):
-        _check_real(name, value)
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be finite and >= 0; got {value!r}")
+        _check_finite_at_least_zero(name, value)
     if not isinstance(denominator, str) or denominator not in DENOMINATORS:
         raise ValueError(
             f"denominator must be one of {', '.join(map(repr, DENOMINATORS))}; got {denominator!r}"
@@ -79,11 +93,33 @@ def hyperparameters(
         _check_real("clip_lr", clip_lr)
         if not (math.isfinite(clip_lr) and clip_lr > 0):
             raise ValueError(f"clip_lr must be None or finite and > 0; got {clip_lr!r}")
+    _check_real("grad_scale", grad_scale)
+    if not (math.isfinite(grad_scale) and grad_scale > 0):
+        raise ValueError(f"grad_scale must be finite and > 0; got {grad_scale!r}")
+    _check_finite_at_least_zero("lr", lr)
+    _check_finite_at_least_zero("momentum", momentum)
     return (
         *(float(value) for value in values),
         DENOMINATORS[denominator],
         0.0 if clip_lr is None else float(clip_lr),
+        float(grad_scale),
+        float(lr),
+        float(momentum),
     )
+
+
+def clipped_at_lr(hyper: Hyperparameters) -> Hyperparameters:
+    """``hyper`` with LARC's clipping at its own learning rate, which must be > 0."""
+    lr = hyper[LR]
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0 with clip=True; got {lr!r}")
+    return (*hyper[:CLIP_LR], lr, *hyper[CLIP_LR + 1 :])
+
+
+def _check_finite_at_least_zero(name: str, value: object) -> None:
+    _check_real(name, value)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be finite and >= 0; got {value!r}")
 
 
 def _check_real(name: str, value: object) -> None:
@@ -98,15 +134,8 @@ def masked(hyper, decays, adapts):
     """``hyper`` for a pair outside the weight-decay mask (``decays`` false) or the
     trust-ratio mask (``adapts`` false): weight decay 0, or an infinite threshold,
     which no norm exceeds, so that the rate is 1."""
-    threshold, weight_decay, eps, trust_coefficient, denominator, clip_lr = hyper
-    return (
-        threshold if adapts else math.inf,
-        weight_decay if decays else 0.0,
-        eps,
-        trust_coefficient,
-        denominator,
-        clip_lr,
-    )
+    # A sum of tuples, which both of Numba's compilers type, not an unpacking.
+    return (hyper[0] if adapts else math.inf, hyper[1] if decays else 0.0) + hyper[2:]  # noqa: RUF005
 
 
 #: How many sums of a pair :func:`norm_terms` adds to, hence how many the
@@ -115,9 +144,11 @@ SUMS = 3
 
 
 def norm_terms(hyper, w, g):
-    """One element's terms of the sums the rate depends on:
-    ``(w**2, g**2, (g + weight_decay * w)**2)``, the last for ``denominator="update"``."""
-    update = g + hyper[1] * w
+    """One element's terms of the sums the rate depends on, ``g`` multiplied by
+    ``grad_scale`` first: ``(w**2, g**2, (g + weight_decay * w)**2)``, the last for
+    ``denominator="update"``."""
+    g = hyper[GRAD_SCALE] * g
+    update = g + hyper[WEIGHT_DECAY] * w
     return w * w, g * g, update * update
 
 
@@ -130,39 +161,62 @@ def rate_from_sums(sums, hyper):
     rate 1, as in optax. With ``clip_lr``, LARC's clipping: ``min(rate /
     clip_lr, 1)``.
     """
-    threshold, weight_decay, eps, trust_coefficient, denominator, clip_lr = hyper
+    threshold, weight_decay, eps, trust_coefficient = hyper[:4]
     w_norm = math.sqrt(sums[0])
     if not w_norm > threshold:
         return 1.0
-    if denominator:
+    if hyper[DENOMINATOR]:
         update_norm = math.sqrt(sums[2])
         if update_norm == 0.0:
             return 1.0
         rate = trust_coefficient * w_norm / (eps + update_norm)
     else:
         rate = trust_coefficient * w_norm / (eps + math.sqrt(sums[1]) + weight_decay * w_norm)
-    if clip_lr > 0.0:
-        clipped = rate / clip_lr
+    if hyper[CLIP_LR] > 0.0:
+        clipped = rate / hyper[CLIP_LR]
         # Written so that a NaN rate stays NaN, as it would without clipping.
         rate = 1.0 if clipped > 1.0 else clipped
     return rate
 
 
 def scaled_gradient(rate, hyper, w, g):
-    """``(w, g)`` after ``g <- rate * (g + weight_decay * w)``."""
-    return w, rate * (g + hyper[1] * w)
+    """``(w, g)`` after ``g <- rate * (g + weight_decay / grad_scale * w)``: a gradient
+    that is loss-scaled (by ``1 / grad_scale``) stays so, for the optimizer to unscale."""
+    # With grad_scale 1, weight_decay exactly, as the loop hoists the division.
+    return w, rate * (g + hyper[WEIGHT_DECAY] / hyper[GRAD_SCALE] * w)
+
+
+def momentum_step(rate, hyper, w, g, v):
+    """``(w, g, v)`` after one step of momentum SGD on the scaled gradient, in
+    Chainer's ``MomentumSGD`` convention:
+    ``v <- momentum * v - lr * rate * (grad_scale * g + weight_decay * w)``, ``w <- w + v``."""
+    step = rate * (hyper[GRAD_SCALE] * g + hyper[WEIGHT_DECAY] * w)
+    velocity = hyper[MOMENTUM] * v - hyper[LR] * step
+    return w + velocity, g, velocity
 
 
 class Update(NamedTuple):
     """An update the engines apply to the arrays of each pair, after the rate."""
 
     function: object  #: ``function(rate, hyper, *values) -> values``, one value per array
-    written: tuple[bool, ...]  #: which of the pair's arrays it writes, in order
+    written: tuple[bool, ...]  #: which of the arrays it writes, in order
+    #: Whether the pair has one array more, after the function's, which receives
+    #: the first array's new value too: a float16 parameter of a float32 master.
+    rounded_copy: bool = False
+
+    @property
+    def arrays(self) -> int:
+        """The number of arrays of a pair."""
+        return len(self.written) + self.rounded_copy
 
 
-#: Every update, by name. The first two arrays of a pair are always ``w`` and
-#: ``g``, the arrays the sums are taken over.
-UPDATES = {"scale": Update(scaled_gradient, written=(False, True))}
+#: Every update, by name. The first two arrays of a pair are always the
+#: weights and the gradient, the arrays the sums are taken over.
+UPDATES = {
+    "scale": Update(scaled_gradient, written=(False, True)),
+    "momentum": Update(momentum_step, written=(True, False, True)),
+    "momentum_master": Update(momentum_step, written=(True, False, True), rounded_copy=True),
+}
 
 #: A digest of this file, which the engines compile into their kernels so that
 #: Numba's on-disk cache, which checks only a kernel's own file, recompiles

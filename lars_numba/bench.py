@@ -375,12 +375,9 @@ def model_candidates(shapes) -> tuple[dict[str, Callable[[], object]], int]:
     return {**hook_candidates(ws, gs, parallel=True), **candidates}, sum(w.size for w in ws)
 
 
-def hook_candidates(ws, gs, parallel: bool) -> dict[str, Callable[[], object]]:
-    """Chainer's hook and both of lars_numba's over a model of parameters ``ws`` with
-    gradients ``gs``, each called as Chainer's optimizer calls it."""
+def _model_with_grads(ws, gs):
+    """A Chainer link whose parameters are ``ws``, with gradients ``gs``."""
     import chainer
-
-    from . import chainer as lars_chainer
 
     model = chainer.Link()
     with model.init_scope():
@@ -388,6 +385,17 @@ def hook_candidates(ws, gs, parallel: bool) -> dict[str, Callable[[], object]]:
             param = chainer.Parameter(w)
             param.grad = g
             setattr(model, f"p{i}", param)
+    return model
+
+
+def hook_candidates(ws, gs, parallel: bool) -> dict[str, Callable[[], object]]:
+    """Chainer's hook and both of lars_numba's over a model of parameters ``ws`` with
+    gradients ``gs``, each called as Chainer's optimizer calls it."""
+    import chainer
+
+    from . import chainer as lars_chainer
+
+    model = _model_with_grads(ws, gs)
     optimizer = chainer.optimizers.SGD().setup(model)
     params = list(model.params())
 
@@ -446,6 +454,82 @@ def _format_model_table(rows) -> str:
             + " ".join(f"{times[n] / times['scale_all']:>12.3g}" for n in names)
         )
     return "\n".join(lines)
+
+
+# -- the whole optimizer step ---------------------------------------------------
+
+#: The learning rate of the timed steps: small enough that hundreds of steps on
+#: the same gradients leave float16 weights far from overflowing.
+STEP_LR = 1e-3
+
+
+def step_candidates(shapes, dtype=np.float32) -> tuple[dict[str, Callable[[], object]], int]:
+    """Ways to take one LARS momentum step of a whole model, each ``optimizer.update()``
+    with the gradients present, and the bytes the 7 passes of one fused step move.
+
+    Each candidate has a model of its own over copies of the same weights and
+    gradients. For float16 only lars_numba's ``LARS`` under ``use_fp32_update``
+    is timed, against Chainer's ``MomentumSGD`` under the same.
+    """
+    import chainer
+
+    from . import chainer as lars_chainer
+
+    rng = np.random.default_rng(0)
+    ws = [rng.standard_normal(shape, dtype=np.float32).astype(dtype) for shape in shapes]
+    gs = [rng.standard_normal(shape, dtype=np.float32).astype(dtype) for shape in shapes]
+
+    def update_of(optimizer, hook=None):
+        model = _model_with_grads([w.copy() for w in ws], [g.copy() for g in gs])
+        optimizer.setup(model)
+        if dtype == np.float16:
+            optimizer.use_fp32_update()
+        if hook is not None:
+            optimizer.add_hook(hook)
+        optimizer.update()  # compiles, creates the states
+        return optimizer.update
+
+    def momentum_sgd():
+        return chainer.optimizers.MomentumSGD(lr=STEP_LR)
+
+    candidates = {
+        "LARS": update_of(lars_chainer.LARS(lr=STEP_LR, weight_decay=WEIGHT_DECAY)),
+        "MomentumSGD": update_of(momentum_sgd()),
+    }
+    if dtype == np.float32:
+        candidates["+chainer_hook"] = update_of(
+            momentum_sgd(), chainer.optimizer_hooks.GradientLARS(weight_decay=WEIGHT_DECAY)
+        )
+        candidates["+fused_hook"] = update_of(
+            momentum_sgd(), lars_chainer.FusedGradientLARS(weight_decay=WEIGHT_DECAY)
+        )
+    size = sum(w.size for w in ws)
+    # Norms: read w, g; step: read w, g, v, write v, w. Under float32 masters
+    # the master and the velocity are float32, w and g float16, and w is
+    # written besides the master.
+    bytes_per_element = 7 * 4 if dtype == np.float32 else 4 + 2 + 4 + 2 + 4 + 4 + 4 + 2
+    return candidates, bytes_per_element * size
+
+
+def step_rows(names, rounds: int) -> list[tuple[str, str, dict[str, float], float]]:
+    """Seconds per ``optimizer.update()`` of each step of :func:`step_candidates` on
+    the models ``names`` of :func:`whole_models` in float32 (ResNet-50 in float16
+    too), and the floor of its passes at the bandwidth measured in the same
+    rounds; ``[]`` without chainer."""
+    try:
+        import chainer  # noqa: F401
+    except ImportError:
+        return []
+    rows = []
+    for name in names:
+        dtypes = (np.float32, np.float16) if name.startswith("ResNet-50") else (np.float32,)
+        for dtype in dtypes:
+            candidates, moved = step_candidates(whole_models()[name], dtype)
+            times = interleaved({**candidates, **stream_candidates(False)}, rounds)
+            bandwidth = pop_bandwidth(times)
+            times["floor"] = moved / bandwidth
+            rows.append((name, np.dtype(dtype).name, times, bandwidth))
+    return rows
 
 
 # -- float16 against float32 ---------------------------------------------------
@@ -665,6 +749,23 @@ def main(argv: list[str] | None = None) -> None:
         f"{few_time * 1e3:.3f} and {many_time * 1e3:.3f} ms; one more pair costs "
         f"{(many_time - few_time) / (many - few) * 1e6:.3f} us"
     )
+
+    steps = step_rows(args.models, args.rounds)
+    if steps:
+        print(
+            f"\nthe whole step, optimizer.update() with gradients, lr={STEP_LR}, "
+            f"weight_decay={WEIGHT_DECAY}, on 1 thread: milliseconds (medians), and ratios to "
+            "the floor of a fused step's 7 passes at the bandwidth of the same rounds"
+        )
+        for name, dtype, times, bandwidth in steps:
+            names = [n for n in times if n != "floor"]
+            floor = times["floor"]
+            print(f"{dtype} {name} (floor {floor * 1e3:.3f} ms at {bandwidth / 1e9:.1f} GB/s)")
+            for n in names:
+                print(
+                    f"  {n:>14} {times[n] * 1e3:>9.3f} ms {times[n] / floor:>7.2f}x floor"
+                    f" {times[n] / times['LARS']:>7.2f}x LARS"
+                )
 
     hooks = hook_rows(args.rounds)
     if hooks:

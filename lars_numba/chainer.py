@@ -6,6 +6,7 @@ This is the only module of the package that imports chainer.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import numbers
 import warnings
@@ -17,7 +18,7 @@ import numpy as np
 
 from . import _api, _rule
 
-__all__ = ["FallbackWarning", "FusedGradientLARS", "GradientLARS", "ndim_at_most"]
+__all__ = ["LARS", "FallbackWarning", "FusedGradientLARS", "GradientLARS", "ndim_at_most"]
 
 #: What ``exclude`` and its finer variants take: patterns over parameter paths
 #: such as ``'/conv1/b'`` (:func:`fnmatch.fnmatchcase`, so ``'*/b'`` is every
@@ -55,8 +56,9 @@ class _Hyperparameters:
         self.parallel = parallel
         self._warned = False
 
-    def _hyper(self, lr: Callable[[], float]) -> _api.Hyperparameters:
-        """The hyperparameters; with ``clip``, LARC's clipping at ``lr()``."""
+    def _hyper(self, lr: Callable[[], float], grad_scale: float = 1.0) -> _api.Hyperparameters:
+        """The hyperparameters; with ``clip``, LARC's clipping at ``lr()``; for
+        gradients multiplied by a loss scale, its inverse ``grad_scale``."""
         return _api.hyperparameters(
             self.threshold,
             self.weight_decay,
@@ -64,6 +66,7 @@ class _Hyperparameters:
             self.trust_coefficient,
             self.denominator,
             lr() if self.clip else None,
+            grad_scale=grad_scale,
         )
 
     def _fall_back(
@@ -90,12 +93,8 @@ class _Hyperparameters:
                 FallbackWarning,
                 stacklevel=3,
             )
-        hyper = _rule.masked(hyper, decays, adapts)
         g = param.grad
-        w64, g64 = (array.astype(np.float64) for array in (param.array, g))
-        sums = tuple(float(term.sum()) for term in _rule.norm_terms(hyper, w64, g64))
-        _, scaled = _rule.scaled_gradient(_rule.rate_from_sums(sums, hyper), hyper, w64, g64)
-        g[...] = scaled
+        g[...] = _by_arithmetic(_rule.masked(hyper, decays, adapts), "scale", (param.array, g))[1]
 
 
 class GradientLARS(_Hyperparameters):
@@ -234,6 +233,9 @@ class FusedGradientLARS(_Hyperparameters):
     few shared kernel launches on a GPU, instead of a call and its overhead
     per parameter. Register it with ``optimizer.add_hook``; an update rule
     calls its hooks per parameter, so use :class:`GradientLARS` there.
+    Under the optimizer's ``loss_scaling()`` it sees the gradients before the
+    update rules unscale them: it takes the rate of the unscaled gradient and
+    leaves the gradient scaled (see :doc:`/chainer`).
 
     Parameters
     ----------
@@ -326,15 +328,7 @@ class FusedGradientLARS(_Hyperparameters):
             threshold, weight_decay, eps, parallel, trust_coefficient, denominator, clip
         )
         self.report = report
-        self._exclusions = tuple(
-            _exclusion(name, value)
-            for name, value in (
-                ("exclude", exclude),
-                ("exclude_from_weight_decay", exclude_from_weight_decay),
-                ("exclude_from_adaptation", exclude_from_adaptation),
-            )
-        )
-        self._rules: dict[str, tuple[bool, bool]] = {}
+        self._masks = _Masks(exclude, exclude_from_weight_decay, exclude_from_adaptation)
 
     def __call__(self, optimizer: chainer.Optimizer, *args: object) -> None:
         if args:
@@ -342,17 +336,25 @@ class FusedGradientLARS(_Hyperparameters):
                 "FusedGradientLARS is called once per update with the optimizer: register it "
                 "with optimizer.add_hook, or use GradientLARS with update_rule.add_hook"
             )
-        hyper = self._hyper(lambda: _learning_rate(optimizer))
-        groups: dict[str, _Group] = {}
+        lr = functools.cache(lambda: _learning_rate(optimizer))
+        hypers = {None: self._hyper(lr)}
+        groups: dict[tuple, _Group] = {}
         for path, param in optimizer.target.namedparams():
             # An uninitialized parameter refuses to give its gradient: ask in order.
             w = param.array
             g = None if w is None else param.grad
             if g is None:
                 continue
-            rule = self._rules.get(path) or self._rule_for(path, param)
+            rule = self._masks.get(path) or self._masks.decide(path, param)
             if rule == (False, False):
                 continue
+            # The update rules unscale a loss-scaled gradient after the optimizer's
+            # hooks have run: the rate is taken of the unscaled gradient, which
+            # is left scaled.
+            loss_scale = param._loss_scale
+            hyper = hypers.get(loss_scale)
+            if hyper is None:
+                hyper = hypers[loss_scale] = self._hyper(lr, 1.0 / loss_scale)
             if type(w) is np.ndarray and type(g) is np.ndarray:
                 device = "@numpy"
             elif _api.accepts(w) and _api.accepts(g):
@@ -360,27 +362,21 @@ class FusedGradientLARS(_Hyperparameters):
             else:
                 self._fall_back(param, hyper, decays=rule[0], adapts=rule[1])
                 continue
-            group = groups.get(device)
+            group = groups.get((device, loss_scale))
             if group is None:
-                group = groups[device] = _Group(param.device)
+                group = groups[device, loss_scale] = _Group(param.device, hyper)
             group.add(path, w, g, rule)
         for group in groups.values():
-            self._scale(group, hyper)
+            self._scale(group)
 
-    def _rule_for(self, path: str, param: chainer.Parameter) -> tuple[bool, bool]:
-        """Whether ``param`` gets weight decay, and its trust ratio: decided once per path."""
-        both, decay, adaptation = (matches(path, param) for matches in self._exclusions)
-        rule = self._rules[path] = (not (both or decay), not (both or adaptation))
-        return rule
-
-    def _scale(self, group: _Group, hyper: _api.Hyperparameters) -> None:
+    def _scale(self, group: _Group) -> None:
         masks = [None, None]
         if not all(decays and adapts for decays, adapts in group.rules):
             masks = [[rule[column] for rule in group.rules] for column in (0, 1)]
         rates = group.device.xp.empty(len(group.ws)) if self.report else None
         # The CUDA kernels run on the current device, which must be the arrays'.
         with chainer.using_device(group.device):
-            _api.scale_all(group.ws, group.gs, hyper, *masks, rates, self.parallel)
+            _api.scale_all(group.ws, group.gs, group.hyper, *masks, rates, self.parallel)
         if rates is not None:
             # Python floats from the CPU; on a GPU, device scalars that the
             # reporter's summaries read only when they log.
@@ -390,11 +386,40 @@ class FusedGradientLARS(_Hyperparameters):
             )
 
 
-class _Group:
-    """The parameters of one device that :class:`FusedGradientLARS` scales in one call."""
+class _Masks(dict):
+    """Whether each parameter path gets weight decay and its trust ratio, by path:
+    decided at a path's first update from the exclusions, and kept."""
 
-    def __init__(self, device: chainer.backend.Device):
+    def __init__(
+        self,
+        exclude: Exclusion,
+        exclude_from_weight_decay: Exclusion,
+        exclude_from_adaptation: Exclusion,
+    ):
+        super().__init__()
+        self._exclusions = tuple(
+            _exclusion(name, value)
+            for name, value in (
+                ("exclude", exclude),
+                ("exclude_from_weight_decay", exclude_from_weight_decay),
+                ("exclude_from_adaptation", exclude_from_adaptation),
+            )
+        )
+
+    def decide(self, path: str, param: chainer.Parameter) -> tuple[bool, bool]:
+        """The masks of ``path``, decided now and kept."""
+        both, decay, adaptation = (matches(path, param) for matches in self._exclusions)
+        masks = self[path] = (not (both or decay), not (both or adaptation))
+        return masks
+
+
+class _Group:
+    """The parameters of one device and loss scale that :class:`FusedGradientLARS`
+    scales in one call."""
+
+    def __init__(self, device: chainer.backend.Device, hyper: _api.Hyperparameters):
         self.device = device
+        self.hyper = hyper
         self.paths: list[str] = []
         self.ws: list = []
         self.gs: list = []
@@ -405,6 +430,383 @@ class _Group:
         self.ws.append(w)
         self.gs.append(g)
         self.rules.append(rule)
+
+
+class _LARSRule(chainer.optimizer.UpdateRule):
+    """The update rule of :class:`LARS` for one parameter, which the optimizer's fused
+    step stands in for; it runs itself only for the parameters that step leaves
+    out (those with update-rule hooks, say) and when called directly.
+
+    Its hyperparameters are :class:`LARS`'s, through Chainer's inheritance of
+    hyperparameters, and its state is ``state['v']``, the velocity, as for
+    Chainer's ``MomentumSGD``.
+    """
+
+    is_elementwise = True
+
+    def __init__(self, parent_hyperparam: chainer.optimizer.Hyperparameter, parallel: bool):
+        super().__init__(parent_hyperparam)
+        self.parallel = parallel
+        #: Whether the parameter gets weight decay and its trust ratio, set by
+        #: the optimizer from its exclusions.
+        self.masks = (True, True)
+
+    def init_state(self, param: chainer.Parameter) -> None:
+        with chainer.using_device(param.device):
+            self.state["v"] = param.device.xp.zeros_like(param.array)
+
+    def update_core(self, param: chainer.Parameter) -> None:
+        # Chainer has divided the gradient by the loss scale and made the
+        # float32 copy already: ``param`` is what the step updates.
+        g = param.grad
+        if g is None:
+            return
+        w, v = param.array, self.state["v"]
+        hyper = _step_hyperparameters(self.hyperparam, 1.0)
+        if all(type(array) is np.ndarray for array in (w, g, v)):
+            _api.momentum_step(
+                [w], [g], [v], None, hyper, False, *self._mask_lists(), None, False, self.parallel
+            )
+            return
+        new_w, _, new_v = _by_arithmetic(_rule.masked(hyper, *self.masks), "momentum", (w, g, v))
+        w[...] = new_w
+        v[...] = new_v
+
+    def _mask_lists(self) -> tuple:
+        return tuple(None if mask else [False] for mask in self.masks)
+
+    def serialize(self, serializer: chainer.serializer.AbstractSerializer) -> None:
+        """Chainer's serialization of the state, and the float32 master of a float16
+        parameter under ``use_fp32_update``, so that a resumed run continues exactly."""
+        super().serialize(serializer)
+        if isinstance(serializer, chainer.serializer.Deserializer):
+            try:
+                master = serializer("master", None)
+            except KeyError:  # saved without one
+                return
+            if master is not None:
+                self._fp32_param = chainer.Parameter(np.asarray(master, np.float32))
+        elif self._fp32_param is not None and self._fp32_param.array is not None:
+            serializer("master", self._fp32_param.array)
+
+
+class LARS(chainer.optimizer.GradientMethod):
+    r"""Momentum SGD with layer-wise adaptive rate scaling, one fused step per update.
+
+    For each parameter :math:`w` with gradient :math:`g`, its velocity
+    :math:`v` and the rate :math:`r` of :class:`GradientLARS` (with the same
+    ``threshold``, ``weight_decay``, ``eps``, ``trust_coefficient``,
+    ``denominator`` and ``clip``):
+
+    .. math::
+
+        v \leftarrow \mu v - \eta\, r\,(g + \lambda w), \qquad w \leftarrow w + v
+
+    with :math:`\eta` = ``lr``, :math:`\mu` = ``momentum`` and :math:`\lambda`
+    = ``weight_decay``: the results of ``MomentumSGD(lr, momentum)`` with
+    this package's :class:`GradientLARS`, within one rounding per step (the
+    fused step rounds once, from float64), in two passes over the parameters
+    of each dtype by :func:`lars_numba.momentum_step` instead of a hook call
+    and an update per parameter.
+
+    It is a :class:`chainer.optimizer.GradientMethod`: hooks, per-parameter
+    hyperparameters (``param.update_rule.hyperparam.lr = ...``), disabled
+    rules, learning-rate extensions, serialization and ChainerMN's
+    multi-node optimizer work as for Chainer's optimizers. Under
+    :meth:`~chainer.optimizer.GradientMethod.use_fp32_update`, a float16
+    parameter keeps a float32 master and a float32 velocity; the step reads
+    its float16 gradient, updates the master and writes the parameter in
+    the same pass. Under
+    :meth:`~chainer.optimizer.GradientMethod.loss_scaling`, the gradients
+    are unscaled inside the step, and under dynamic loss scaling the pass
+    that takes the norms also finds non-finite gradients: the whole step is
+    then skipped and the scale lowered, as Chainer does, without Chainer's
+    separate pass over the gradients.
+
+    Parameters that a fused step cannot take (arrays other than NumPy's,
+    parameters with update-rule hooks) take their update rule, which computes
+    the same step for that parameter alone.
+
+    Parameters
+    ----------
+    lr, momentum : float, optional
+        The learning rate and the momentum, finite and >= 0.
+    threshold, weight_decay, eps, trust_coefficient, denominator, clip : optional
+        As for :class:`FusedGradientLARS`; ``clip`` clips at this ``lr``.
+    exclude, exclude_from_weight_decay, exclude_from_adaptation : optional
+        As for :class:`FusedGradientLARS`.
+    report : bool, optional
+        Report each fused parameter's trust ratio to :func:`chainer.report` as
+        ``'lars' + path``, as :class:`FusedGradientLARS` does.
+    parallel : bool, optional
+        Let the step run on all of Numba's threads.
+
+    Raises
+    ------
+    TypeError, ValueError
+        If a hyperparameter or an exclusion is refused, as by
+        :func:`lars_numba.momentum_step` and :class:`FusedGradientLARS`.
+
+    Examples
+    --------
+    >>> import chainer
+    >>> import numpy as np
+    >>> from lars_numba.chainer import LARS
+    >>> model = chainer.links.Linear(2, 1, initialW=np.array([[3.0, 4.0]], np.float32))
+    >>> optimizer = LARS(lr=0.1, eps=0.0, exclude="*/b").setup(model)
+    >>> model.W.grad = np.array([[0.75, 1.0]], np.float32)  # rate = 5 / 1.25
+    >>> model.b.grad = np.ones(1, np.float32)  # excluded: rate 1
+    >>> optimizer.update()
+    >>> model.W.array, model.b.array
+    (array([[2.7, 3.6]], dtype=float32), array([-0.1], dtype=float32))
+    """
+
+    lr = chainer.optimizer.HyperparameterProxy("lr")
+    momentum = chainer.optimizer.HyperparameterProxy("momentum")
+    threshold = chainer.optimizer.HyperparameterProxy("threshold")
+    weight_decay = chainer.optimizer.HyperparameterProxy("weight_decay")
+    eps = chainer.optimizer.HyperparameterProxy("eps")
+    trust_coefficient = chainer.optimizer.HyperparameterProxy("trust_coefficient")
+    denominator = chainer.optimizer.HyperparameterProxy("denominator")
+    clip = chainer.optimizer.HyperparameterProxy("clip")
+
+    def __init__(
+        self,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        threshold: float = 1e-2,
+        weight_decay: float = 0.0,
+        eps: float = 1e-9,
+        trust_coefficient: float = 1.0,
+        denominator: str = "sum",
+        clip: bool = False,
+        exclude: Exclusion = None,
+        *,
+        exclude_from_weight_decay: Exclusion = None,
+        exclude_from_adaptation: Exclusion = None,
+        report: bool = False,
+        parallel: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(clip, bool):
+            raise TypeError(f"clip must be a bool; got {type(clip).__name__}")
+        hyperparam = self.hyperparam
+        hyperparam.lr = lr
+        hyperparam.momentum = momentum
+        hyperparam.threshold = threshold
+        hyperparam.weight_decay = weight_decay
+        hyperparam.eps = eps
+        hyperparam.trust_coefficient = trust_coefficient
+        hyperparam.denominator = denominator
+        hyperparam.clip = clip
+        # Checked here to fail at construction rather than at the first update.
+        _step_hyperparameters(hyperparam, 1.0)
+        self.report = report
+        self.parallel = parallel
+        self._masks = _Masks(exclude, exclude_from_weight_decay, exclude_from_adaptation)
+
+    def create_update_rule(self) -> _LARSRule:
+        return _LARSRule(self.hyperparam, self.parallel)
+
+    def check_nan_in_grads(self) -> None:
+        """Nothing: the step's pass over the norms finds non-finite gradients."""
+        self._loss_scaling_isnan = False
+
+    def update(self, lossfun: Callable | None = None, *args: object, **kwds: object) -> None:
+        """Chainer's :meth:`~chainer.optimizer.GradientMethod.update`, with the
+        parameters' updates replaced by the fused step."""
+        if lossfun is not None:
+            use_cleargrads = getattr(self, "_use_cleargrads", True)
+            loss = lossfun(*args, **kwds)
+            if use_cleargrads:
+                self.target.cleargrads()
+            else:
+                self.target.zerograds()
+            loss.backward(loss_scale=self._loss_scale)
+            del loss
+        # Chainer gives the parameters without a gradient a zero one before the
+        # hooks, after each hook and after the update; here the step gives them
+        # theirs, so it is needed only before hooks (a pass over the parameters
+        # that costs an update of small ones half its time).
+        if self._hookable._pre_update_hooks:
+            self.reallocate_cleared_grads()
+        self.check_nan_in_grads()
+        self.call_hooks("pre")
+        self.t += 1
+        self._step()
+        self.call_hooks("post")
+        self.update_loss_scale()
+
+    def _step(self) -> None:
+        skip_nonfinite = bool(self._loss_scaling_is_dynamic)
+        # By the rule's own hyperparameters (None: the optimizer's) and the loss
+        # scale its gradient was computed with, which the step unscales.
+        hypers: dict[tuple, _api.Hyperparameters] = {}
+        groups: dict[tuple, _StepGroup] = {}
+        alone = []  # the parameters that take their update rule
+        for path, param in self.target.namedparams():
+            w = param.array
+            g = None if w is None else param.grad
+            if g is None and w is not None:
+                with chainer.using_device(param.device):
+                    g = param.grad = param.device.xp.zeros_like(w)
+            rule = param.update_rule
+            if rule is None or not rule.enabled:
+                continue
+            masks = self._masks.get(path) or self._masks.decide(path, param)
+            hooks = rule._hookable
+            if (
+                type(rule) is not _LARSRule
+                or type(w) is not np.ndarray
+                or type(g) is not np.ndarray
+                or hooks._pre_update_hooks
+                or hooks._post_update_hooks
+            ):
+                if isinstance(rule, _LARSRule):
+                    rule.masks = masks
+                alone.append(param)
+                continue
+            # A rule's own hyperparameters are attributes of its Hyperparameter
+            # besides the parent's reference.
+            own = rule.hyperparam if len(rule.hyperparam.__dict__) > 1 else None
+            key = (own, param._loss_scale)
+            hyper = hypers.get(key)
+            if hyper is None:
+                hyper = hypers[key] = _step_hyperparameters(
+                    own or self.hyperparam, 1.0 if key[1] is None else 1.0 / key[1]
+                )
+            group = groups.get(hyper)
+            if group is None:
+                group = groups[hyper] = _StepGroup(hyper)
+            group.add(path, param, w, g, rule, masks)
+        if skip_nonfinite and not self._finite(alone, list(groups.values())[1:]):
+            self._skip()
+            return
+        for group in groups.values():
+            if not group.step(skip_nonfinite, self.report, self.parallel):
+                # Only the first group can find it: the others were checked.
+                self._skip()
+                return
+        for param in alone:
+            param.update()
+
+    @staticmethod
+    def _finite(params: list, groups: list) -> bool:
+        """Whether the gradients of ``params`` and of ``groups`` are finite: a pass
+        of their own, for a call with more than one fused step or parameters
+        outside them, so that a step is skipped for every parameter or none."""
+        grads = [param.grad for param in params if param.array is not None]
+        grads += [g for group in groups for g in group.gs]
+        return all(
+            bool(chainer.backend.get_array_module(g).isfinite(g).all())
+            for g in grads
+            if g is not None
+        )
+
+    def _skip(self) -> None:
+        """What Chainer does with a non-finite gradient under dynamic loss scaling."""
+        self._loss_scaling_isnan = True
+        self._loss_scaling_isnan_ever = True
+        warnings.warn(
+            f"Non finite number found in the gradients (iteration: {self.t}, "
+            f"loss_scale: {self._loss_scale}); the step is skipped",
+            stacklevel=4,
+        )
+
+
+class _StepGroup:
+    """The parameters of :class:`LARS` that share one :func:`lars_numba.momentum_step`."""
+
+    def __init__(self, hyper: _api.Hyperparameters):
+        self.hyper = hyper
+        #: A tuple per parameter: path, rule, array, gradient, velocity, master
+        #: (or None) and masks; one append per parameter, on the path of every update.
+        self.members: list[tuple] = []
+
+    def add(
+        self,
+        path: str,
+        param: chainer.Parameter,
+        w: np.ndarray,
+        g: np.ndarray,
+        rule: _LARSRule,
+        masks: tuple[bool, bool],
+    ) -> None:
+        """Add ``param``, whose array is ``w`` and gradient ``g``, with its state."""
+        master = None
+        updated = param
+        if rule._use_fp32_update and w.dtype == np.float16:
+            # Chainer's own attribute, so that its use_fp32_update sees the same master.
+            if rule._fp32_param is None:
+                rule._fp32_param = chainer.Parameter(w.astype(np.float32), name=param.name)
+            updated = rule._fp32_param
+            master = updated.array
+        state = rule.state
+        if state is None or type(state["v"]) is not np.ndarray:
+            rule._init_states(updated)  # creates the velocity, or brings it to the CPU
+            state = rule.state
+        self.members.append((path, rule, w, g, state["v"], master, masks))
+
+    @property
+    def gs(self) -> list[np.ndarray]:
+        """The gradients of the group."""
+        return [member[3] for member in self.members]
+
+    def step(self, skip_nonfinite: bool, report: bool, parallel: bool) -> bool:
+        """The fused step; whether it was taken."""
+        paths, rules, ws, gs, vs, masters, masks = zip(*self.members, strict=True)
+        mask_lists = [None, None]
+        if not all(decays and adapts for decays, adapts in masks):
+            mask_lists = [[mask[column] for mask in masks] for column in (0, 1)]
+        if all(master is None for master in masters):
+            masters = None
+        rates = np.empty(len(ws)) if report else None
+        taken = _api.momentum_step(
+            ws,
+            gs,
+            vs,
+            masters,
+            self.hyper,
+            False,
+            *mask_lists,
+            rates,
+            skip_nonfinite,
+            parallel,
+        )
+        if taken:
+            for rule in rules:
+                rule.t += 1
+            if rates is not None:
+                values = rates.tolist()
+                chainer.report(
+                    {"lars" + path: rate for path, rate in zip(paths, values, strict=True)}
+                )
+        return taken
+
+
+def _step_hyperparameters(
+    hyperparam: chainer.optimizer.Hyperparameter, grad_scale: float
+) -> _api.Hyperparameters:
+    """The kernels' hyperparameters of :class:`LARS` from Chainer's ``hyperparam``."""
+    hyper = _api.hyperparameters(
+        hyperparam.threshold,
+        hyperparam.weight_decay,
+        hyperparam.eps,
+        hyperparam.trust_coefficient,
+        hyperparam.denominator,
+        grad_scale=grad_scale,
+        lr=hyperparam.lr,
+        momentum=hyperparam.momentum,
+    )
+    return _rule.clipped_at_lr(hyper) if hyperparam.clip else hyper
+
+
+def _by_arithmetic(hyper: _api.Hyperparameters, update: str, arrays: tuple) -> tuple:
+    """The new values of ``arrays`` under ``update`` of :mod:`lars_numba._rule`, computed
+    with the arrays' own arithmetic on float64 copies, as the kernels compute."""
+    copies = tuple(array.astype(np.float64) for array in arrays)
+    sums = tuple(float(term.sum()) for term in _rule.norm_terms(hyper, *copies[:2]))
+    return _rule.UPDATES[update].function(_rule.rate_from_sums(sums, hyper), hyper, *copies)
 
 
 def _learning_rate(owner: object) -> float:

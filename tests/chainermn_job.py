@@ -1,15 +1,17 @@
-"""A 2-rank ChainerMN run with one of lars_numba's hooks, launched by test_chainermn.py.
+"""A 2-rank ChainerMN run with one of lars_numba's hooks or its optimizer, launched by
+test_chainermn.py.
 
-Usage: ``mpiexec -n 2 python chainermn_job.py RESULT.json {GradientLARS,FusedGradientLARS}``
+Usage: ``mpiexec -n 2 python chainermn_job.py RESULT.json {GradientLARS,FusedGradientLARS,LARS}``
 
 Every rank trains the same small MLP, each from its own random initial
 weights, through ``chainermn.create_multi_node_optimizer`` over the naive
 communicator, each on its own half of every batch. The first update only
 broadcasts rank 0's weights; each later one averages the gradients and runs
-the hook and the update rule on every rank. Rank 0 also trains a single-process
-copy from its initial weights on the whole batches, and writes to RESULT.json
-the flattened parameters of every rank and of the copy after every update,
-and how often the hook ran on each rank. test_chainermn.py judges them.
+the hook and the update rule (or LARS's fused step) on every rank. Rank 0
+also trains a single-process copy from its initial weights on the whole
+batches, and writes to RESULT.json the flattened parameters of every rank and
+of the copy after every update, and how often the hook ran on each rank.
+test_chainermn.py judges them.
 """
 
 import json
@@ -21,7 +23,7 @@ import chainer.links as L
 import chainermn
 import numpy as np
 
-from lars_numba.chainer import FusedGradientLARS, GradientLARS
+from lars_numba.chainer import LARS, FusedGradientLARS, GradientLARS
 
 STEPS = 6
 BATCH_PER_RANK = 16
@@ -53,13 +55,32 @@ def classifier(seed: int) -> L.Classifier:
     )
 
 
+class CountingLARS(LARS):
+    """The LARS optimizer, counting its fused steps as ``calls``."""
+
+    calls = 0
+
+    def _step(self):
+        self.calls += 1
+        super()._step()
+
+
 def optimizer(model: chainer.Link, hook, comm=None) -> chainer.Optimizer:
-    actual = chainer.optimizers.MomentumSGD(lr=0.1)
+    """MomentumSGD with ``hook``, or ``hook`` itself if it is the LARS optimizer."""
+    actual = hook if isinstance(hook, LARS) else chainer.optimizers.MomentumSGD(lr=0.1)
     if comm is not None:
         actual = chainermn.create_multi_node_optimizer(actual, comm)
     actual.setup(model)
-    actual.add_hook(hook)
+    if not isinstance(hook, LARS):
+        actual.add_hook(hook)
     return actual
+
+
+def make_hook(name: str, count: bool):
+    """The hook (or LARS optimizer) ``name``, with lars_numba's weight decay, lr 0.1."""
+    if name == "LARS":
+        return (CountingLARS if count else LARS)(lr=0.1, weight_decay=1e-3)
+    return (counting(HOOKS[name]) if count else HOOKS[name])(weight_decay=1e-3)
 
 
 def flat(model: chainer.Link) -> list[float]:
@@ -74,7 +95,7 @@ def main(result_path: str, hook_name: str) -> None:
     t = rng.integers(0, OUT, (STEPS, size, BATCH_PER_RANK)).astype(np.int32)
 
     model = classifier(seed=comm.rank)
-    hook = counting(HOOKS[hook_name])(weight_decay=1e-3)
+    hook = make_hook(hook_name, count=True)
     opt = optimizer(model, hook, comm)
     opt.update()  # broadcasts rank 0's weights; no gradient, no hook
     history = [comm.mpi_comm.gather(flat(model), root=0)]
@@ -86,7 +107,7 @@ def main(result_path: str, hook_name: str) -> None:
         return
 
     reference = classifier(seed=0)
-    reference_opt = optimizer(reference, HOOKS[hook_name](weight_decay=1e-3))
+    reference_opt = optimizer(reference, make_hook(hook_name, count=False))
     reference_history = [flat(reference)]
     for step in range(STEPS):
         batch = (x[step].reshape(-1, IN), t[step].reshape(-1))

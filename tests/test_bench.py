@@ -7,6 +7,8 @@ import subprocess
 import warnings
 from pathlib import Path
 
+import pytest
+
 from lars_numba import bench
 
 # lars_numba.bench imports chainer lazily. Chainer's import warns about
@@ -59,6 +61,19 @@ def test_the_whole_model_table_times_every_candidate(capsys):
     assert len(ratios) == len(names) == len(times) - 2
     assert all(float(value) > 0 for value in times + ratios)
     assert float(ratios[names.index("scale_all")]) == 1
+
+
+def test_the_step_table_times_every_optimizer_against_the_floor(capsys):
+    pytest.importorskip("chainer")
+    bench.main(["--sizes", "64", "--rounds", "1", "--models", "1000 x 16"])
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("float32 1000 x 16")))
+    rows = {line.split()[0]: line.split()[1:] for line in lines[start + 1 : start + 5]}
+    assert set(rows) == {"LARS", "MomentumSGD", "+chainer_hook", "+fused_hook"}
+    lars_ms = float(rows["LARS"][0])
+    for ms, _, to_floor, _, to_lars, _ in rows.values():
+        assert float(ms) > 0 and float(to_floor.rstrip("x")) > 0
+        assert abs(float(to_lars.rstrip("x")) * lars_ms - float(ms)) < 0.01 * float(ms) + 1e-3
 
 
 def test_the_gpu_table_times_every_candidate(capsys):

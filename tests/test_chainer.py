@@ -402,15 +402,14 @@ def test_demo_trains_with_lars_where_plain_sgd_diverges(capsys):
 
     demo.main(["--epochs", "12", "--hidden", "64"])
     out = capsys.readouterr().out
+    table = out.split("test accuracy")[1].split("\n\n")[0].splitlines()[1:]
     accuracy = {
         title: float(value.rstrip("%")) / 100
-        for value, title in (
-            line.split(maxsplit=1)
-            for line in out.split("test accuracy\n")[1].split("\n\n")[0].splitlines()
-        )
+        for value, _, _, title in (line.split(maxsplit=3) for line in table)
     }
-    plain, ours, theirs = accuracy.values()
+    plain, ours, theirs, optimizer = accuracy.values()
     assert plain < 0.5
     assert ours > 0.85
     assert abs(ours - theirs) < 0.05
+    assert abs(optimizer - ours) < 0.05
     assert "time inside the LARS hook" in out

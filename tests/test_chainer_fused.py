@@ -273,3 +273,27 @@ def test_no_report_when_off_and_log_report_averages_when_on(tmp_path):
     assert not any(key.startswith("lars") for key in logs[False][-1])
     assert {"lars/predictor/W", "lars/predictor/b"} <= logs[True][-1].keys()
     assert all(math.isfinite(entry["lars/predictor/W"]) for entry in logs[True])
+
+
+@pytest.mark.parametrize("scale", [128.0, 3.0])
+def test_a_loss_scaled_gradient_gets_the_rate_of_the_unscaled_one(scale):
+    # The optimizer's hooks run before the update rules unscale the gradients:
+    # the hook must take the rate of the true gradient and leave it scaled.
+    rng = np.random.default_rng(5)
+    shapes = ((3, 4), (5,), (2, 2, 2))
+    slopes = [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
+    models = [params_link(shapes, np.random.default_rng(6)) for _ in range(2)]
+    for model, loss_scale in zip(models, (None, scale), strict=True):
+        optimizer = chainer.optimizers.MomentumSGD(lr=0.1).setup(model)
+        optimizer.add_hook(FusedGradientLARS(weight_decay=1e-2))
+        if loss_scale is not None:
+            optimizer.loss_scaling(scale=loss_scale)
+        params = [model.p0, model.p1, model.p2]
+        for _ in range(3):
+            optimizer.update(
+                lambda params=params: sum(
+                    chainer.functions.sum(p * c) for p, c in zip(params, slopes, strict=True)
+                )
+            )
+    for plain, scaled in zip(models[0].params(), models[1].params(), strict=True):
+        np.testing.assert_allclose(scaled.array, plain.array, rtol=1e-6, atol=1e-7)

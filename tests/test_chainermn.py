@@ -58,7 +58,7 @@ def run_job(result: Path, hook: str) -> None:
     assert process.returncode == 0, f"the MPI job failed:\n{output}"
 
 
-@pytest.fixture(scope="module", params=["GradientLARS", "FusedGradientLARS"])
+@pytest.fixture(scope="module", params=["GradientLARS", "FusedGradientLARS", "LARS"])
 def report(request, tmp_path_factory):
     result = tmp_path_factory.mktemp("chainermn") / "result.json"
     run_job(result, request.param)
@@ -84,7 +84,8 @@ def test_parameters_equal_a_single_process_run_on_the_whole_batches(report):
 
 
 def test_the_hook_ran_on_every_rank_for_every_update_after_the_broadcast(report):
-    # Chainer calls the per-parameter hook once per parameter, the fused one once.
+    # Chainer calls the per-parameter hook once per parameter, the fused one once,
+    # and LARS takes one fused step.
     per_update = report["n_params"] if report["hook"] == "GradientLARS" else 1
     expected = report["steps"] * per_update
     assert report["hook_calls"] == [expected] * RANKS

@@ -203,6 +203,9 @@ def test_a_change_of_the_rule_alone_recompiles_the_cached_kernels(tmp_path):
     assert run() == 1.0  # rate ||w|| / ||g|| = 1
     rule = package / "_rule.py"
     rule.write_text(
-        rule.read_text().replace("return w, rate * (g + hyper[1] * w)", "return w, 3 * rate * g")
+        rule.read_text().replace(
+            "return w, rate * (g + hyper[WEIGHT_DECAY] / hyper[GRAD_SCALE] * w)",
+            "return w, 3 * rate * g",
+        )
     )
     assert run() == 3.0

@@ -308,13 +308,14 @@ def momentum_step(
         The velocities, updated in place: ``vs[i]`` of the shape of ``ws[i]``
         and of its dtype, or float32 where ``ws[i]`` is float16 or has a master.
     lr : float
-        The learning rate, finite and >= 0 (> 0 with ``clip``).
+        The learning rate, finite and >= 0.
     momentum : float, optional
         Finite and >= 0.
     threshold, weight_decay, eps, trust_coefficient, denominator : optional
         As for :func:`scale`.
     clip : bool, optional
-        LARC's clipping with this ``lr``: the rate becomes ``min(rate / lr, 1)``.
+        LARC's clipping with this ``lr``: the rate becomes ``min(rate / lr, 1)``,
+        1 at ``lr=0`` (the limit from above, as at the start of a warm-up).
     weight_decay_mask, trust_ratio_mask : sequence of bool, optional
         As for :func:`scale_all`.
     grad_scale : float, optional

@@ -108,12 +108,17 @@ def hyperparameters(
     )
 
 
+#: The ``clip_lr`` of a learning rate of 0, for which ``min(rate / lr, 1)`` is 1
+#: (``clip_lr`` 0 means no clipping): the smallest positive float64, by which
+#: any positive rate divides to more than 1.
+_CLIP_AT_ZERO = 5e-324
+
+
 def clipped_at_lr(hyper: Hyperparameters) -> Hyperparameters:
-    """``hyper`` with LARC's clipping at its own learning rate, which must be > 0."""
-    lr = hyper[LR]
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0 with clip=True; got {lr!r}")
-    return (*hyper[:CLIP_LR], lr, *hyper[CLIP_LR + 1 :])
+    """``hyper`` with LARC's clipping at its own learning rate, ``min(rate / lr, 1)``:
+    1 at a learning rate of 0 (a warm-up's first step), the limit from above."""
+    clip_lr = hyper[LR] or _CLIP_AT_ZERO
+    return (*hyper[:CLIP_LR], clip_lr, *hyper[CLIP_LR + 1 :])
 
 
 def _check_finite_at_least_zero(name: str, value: object) -> None:

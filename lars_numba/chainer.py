@@ -452,8 +452,12 @@ class _LARSRule(chainer.optimizer.UpdateRule):
         self.masks = (True, True)
 
     def init_state(self, param: chainer.Parameter) -> None:
+        # A float16 parameter's velocity is float32, as momentum_step takes it:
+        # float16 would round away the small steps that the velocity adds up.
+        array = param.array
+        dtype = np.float32 if array.dtype == np.float16 else array.dtype
         with chainer.using_device(param.device):
-            self.state["v"] = param.device.xp.zeros_like(param.array)
+            self.state["v"] = param.device.xp.zeros_like(array, dtype=dtype)
 
     def update_core(self, param: chainer.Parameter) -> None:
         # Chainer has divided the gradient by the loss scale and made the
@@ -605,6 +609,10 @@ class LARS(chainer.optimizer.GradientMethod):
         self.parallel = parallel
         self._masks = _Masks(exclude, exclude_from_weight_decay, exclude_from_adaptation)
 
+    def setup(self, link: chainer.Link) -> LARS:
+        self._masks.clear()  # the exclusions decide anew for the paths of this link
+        return super().setup(link)
+
     def create_update_rule(self) -> _LARSRule:
         return _LARSRule(self.hyperparam, self.parallel)
 
@@ -644,6 +652,7 @@ class LARS(chainer.optimizer.GradientMethod):
         hypers: dict[tuple, _api.Hyperparameters] = {}
         groups: dict[tuple, _StepGroup] = {}
         alone = []  # the parameters that take their update rule
+        unstepped = []  # the gradients of the parameters that take no step
         for path, param in self.target.namedparams():
             w = param.array
             g = None if w is None else param.grad
@@ -652,6 +661,8 @@ class LARS(chainer.optimizer.GradientMethod):
                     g = param.grad = param.device.xp.zeros_like(w)
             rule = param.update_rule
             if rule is None or not rule.enabled:
+                if g is not None:
+                    unstepped.append(g)  # checked all the same, as Chainer does
                 continue
             masks = self._masks.get(path) or self._masks.decide(path, param)
             hooks = rule._hookable
@@ -679,7 +690,7 @@ class LARS(chainer.optimizer.GradientMethod):
             if group is None:
                 group = groups[hyper] = _StepGroup(hyper)
             group.add(path, param, w, g, rule, masks)
-        if skip_nonfinite and not self._finite(alone, list(groups.values())[1:]):
+        if skip_nonfinite and not self._finite(alone, unstepped, list(groups.values())[1:]):
             self._skip()
             return
         for group in groups.values():
@@ -691,11 +702,11 @@ class LARS(chainer.optimizer.GradientMethod):
             param.update()
 
     @staticmethod
-    def _finite(params: list, groups: list) -> bool:
-        """Whether the gradients of ``params`` and of ``groups`` are finite: a pass
-        of their own, for a call with more than one fused step or parameters
+    def _finite(params: list, grads: list, groups: list) -> bool:
+        """Whether the gradients of ``params``, ``grads`` and of ``groups`` are finite:
+        a pass of their own, for a call with more than one fused step or parameters
         outside them, so that a step is skipped for every parameter or none."""
-        grads = [param.grad for param in params if param.array is not None]
+        grads = grads + [param.grad for param in params if param.array is not None]
         grads += [g for group in groups for g in group.gs]
         return all(
             bool(chainer.backend.get_array_module(g).isfinite(g).all())

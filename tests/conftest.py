@@ -100,3 +100,59 @@ def optax_lars_oracle(w, g, weight_decay=0.0, trust_coefficient=0.001, eps=0.0):
         return 1.0, update
     rate = trust_coefficient * w_norm / (update_norm + eps)
     return float(rate), rate * update
+
+
+# -- the momentum step ------------------------------------------------------------
+
+
+def momentum_oracle(
+    w,
+    g,
+    v,
+    *,
+    lr,
+    momentum=0.9,
+    threshold=1e-2,
+    weight_decay=0.0,
+    eps=1e-9,
+    trust_coefficient=1.0,
+    denominator="sum",
+    clip=False,
+    grad_scale=1.0,
+    decays=True,
+    adapts=True,
+    master=None,
+):
+    """One step of LARS with momentum on one pair, in float64.
+
+    Returns ``(rate, v_new, w_new, v_terms, w_terms)``: the rate, the new
+    velocity and weights (float64, not rounded), and for each of the two the
+    sum of the magnitudes of the terms it was added from, the scale of the
+    float64 error of a sum taken in another order (see :func:`assert_written`).
+    """
+    W = np.asarray(w if master is None else master, dtype=np.float64)
+    G = grad_scale * np.asarray(g, dtype=np.float64)
+    V = np.asarray(v, dtype=np.float64)
+    wd = weight_decay if decays else 0.0
+    with np.errstate(all="ignore"):
+        w_norm = np.sqrt(np.sum(W * W))
+        U = G + wd * W
+        u_norm = np.sqrt(np.sum(U * U))
+        if not adapts or not w_norm > threshold:
+            rate = np.float64(1.0)
+        elif denominator == "update" and u_norm == 0:
+            rate = np.float64(1.0)
+        else:
+            if denominator == "sum":
+                rate = trust_coefficient * w_norm / (eps + np.sqrt(np.sum(G * G)) + wd * w_norm)
+            else:
+                rate = trust_coefficient * w_norm / (eps + u_norm)
+            if clip:
+                clipped = rate / lr
+                rate = np.float64(1.0) if clipped > 1.0 else clipped  # NaN stays NaN
+        step = rate * (G + wd * W)
+        v_new = momentum * V - lr * step
+        w_new = W + v_new
+        v_terms = np.abs(momentum * V) + lr * np.abs(rate) * (np.abs(G) + wd * np.abs(W))
+        w_terms = np.abs(W) + v_terms
+    return float(rate), v_new, w_new, v_terms, w_terms

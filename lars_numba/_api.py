@@ -323,6 +323,29 @@ def momentum_step(
     """
     if clip:
         hyper = _rule.clipped_at_lr(hyper)
+    plan, gs, g_rows = momentum_plan(
+        ws, gs, vs, masters, weight_decay_mask, trust_ratio_mask, rates
+    )
+    taken = plan.run(gs, g_rows, hyper, skip_nonfinite, parallel)
+    if taken and rates is not None:
+        rates[...] = plan.rates
+    return taken
+
+
+def momentum_plan(
+    ws: object,
+    gs: object,
+    vs: object,
+    masters: object,
+    weight_decay_mask: object,
+    trust_ratio_mask: object,
+    rates: object = None,
+) -> tuple[MomentumPlan, list, np.ndarray]:
+    """The checked arrays of a :func:`momentum_step` call but its gradients, the
+    gradients' list and their rows of :func:`lars_numba._layout.array_rows`.
+
+    Raises as :func:`lars_numba.momentum_step` does, before anything is written.
+    """
     columns = {"ws": _array_sequence("ws", ws)}
     pairs = len(columns["ws"])
     for name, value in (("gs", gs), ("vs", vs)):
@@ -375,13 +398,86 @@ def momentum_step(
             f"{labels[min(first, second)]} and {labels[max(first, second)]} overlap in memory; "
             "an array that is written must not overlap any other array of the call"
         )
-    found = np.empty(pairs)
-    taken = _cpu.momentum_many(
-        columns, rows, with_master, hyper, masks, found, skip_nonfinite, parallel
-    )
-    if taken and rates is not None:
-        rates[...] = found
-    return taken
+    gs, g_rows = columns.pop("gs"), rows.pop("gs")
+    del ids["gs"]
+    return MomentumPlan(columns, rows, ids, with_master, masks), gs, g_rows
+
+
+class MomentumPlan:
+    """The checked weights, velocities and masters of a :func:`momentum_step` call,
+    kept by a caller that steps the same arrays again with new gradients (the
+    Chainer optimizer), so that :meth:`restep` checks only what may have changed.
+
+    It holds no gradient: a kept plan does not keep a step's gradients alive.
+    """
+
+    def __init__(
+        self, columns: dict, rows: dict, ids: dict, with_master: np.ndarray, masks: np.ndarray
+    ):
+        self.columns, self.rows, self.ids = columns, rows, ids
+        self.with_master, self.masks = with_master, masks
+        #: The rates of the last step run.
+        self.rates = np.empty(len(with_master))
+        self._written: tuple[np.ndarray, np.ndarray] | None = None
+
+    def run(
+        self, gs: list, g_rows: np.ndarray, hyper, skip_nonfinite: bool, parallel: bool
+    ) -> bool:
+        """The step with the checked gradients ``gs`` of rows ``g_rows``; whether it
+        was taken. The rates it found are :attr:`rates`."""
+        return _cpu.momentum_many(
+            {**self.columns, "gs": gs},
+            {**self.rows, "gs": g_rows},
+            self.with_master,
+            hyper,
+            self.masks,
+            self.rates,
+            skip_nonfinite,
+            parallel,
+        )
+
+    def restep(self, gs: list, hyper, skip_nonfinite: bool, parallel: bool) -> bool | None:
+        """:func:`momentum_step` of the plan's arrays with the gradients ``gs``: whether
+        the step was taken, or ``None``, before anything is written, if an array of
+        the plan has changed since it was checked or ``gs`` are not what the call
+        takes (:func:`momentum_plan` then says what is wrong)."""
+        ids = self.ids
+        if any(name_ids is None for name_ids in ids.values()) or len(gs) != len(self.masks):
+            return None
+        plain = _layout.plain_rows(gs)
+        if plain is None:
+            return None
+        g_rows, g_ids = plain
+        w_ids = ids["ws"]
+        for name, name_ids in ids.items():
+            if not np.array_equal(_layout.rows_of_ids(name_ids), self.rows[name]):
+                return None
+            others = w_ids if name != "masters" else w_ids[self.with_master]
+            if name != "ws" and _layout.first_shape_difference(name_ids, others) >= 0:
+                return None
+        if (
+            not np.array_equal(g_rows[:, _layout.KIND], self.rows["ws"][:, _layout.KIND])
+            or _layout.first_shape_difference(g_ids, w_ids) >= 0
+            or self._overlaps_written(g_rows)
+        ):
+            return None
+        return self.run(gs, g_rows, hyper, skip_nonfinite, parallel)
+
+    def _overlaps_written(self, g_rows: np.ndarray) -> bool:
+        """Whether a gradient's byte range overlaps one of the arrays the step writes."""
+        if self._written is None:
+            # Checked disjoint: in order of their starts, their ends are in order too.
+            written = np.concatenate([self.rows[name] for name in self.columns])
+            written = written[written[:, _layout.HIGH] > written[:, _layout.LOW]]
+            order = np.argsort(written[:, _layout.LOW])
+            self._written = written[order, _layout.LOW], written[order, _layout.HIGH]
+        lows, highs = self._written
+        if not lows.size:
+            return False
+        g_lows, g_highs = g_rows[:, _layout.LOW], g_rows[:, _layout.HIGH]
+        # The first written range that ends after a gradient starts.
+        at = np.minimum(np.searchsorted(highs, g_lows, side="right"), lows.size - 1)
+        return bool(((g_highs > g_lows) & (highs[at] > g_lows) & (lows[at] < g_highs)).any())
 
 
 class _MomentumNames:

@@ -342,14 +342,30 @@ def array_rows(arrays: list) -> tuple[np.ndarray, np.ndarray | None]:
     :func:`plain_layouts`), through the attributes of any other (and then
     the ids are ``None``).
     """
+    plain = plain_rows(arrays)
+    if plain is not None:
+        return plain
     rows = np.empty((len(arrays), len(ARRAY_COLUMNS)), np.int64)
-    if _reading_trusted() and all_plain(arrays):
-        ids = np.fromiter(map(id, arrays), np.int64, len(arrays))
-        read_arrays(ids, _DESCRS, _ITEMSIZES, rows)
-        return rows, ids
     for index, array in enumerate(arrays):
         rows[index] = _attribute_row(array)
     return rows, None
+
+
+def plain_rows(arrays: list) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`array_rows` of ``arrays`` read in one compiled call, if all of them are
+    plain NumPy arrays and their objects may be read here; ``None`` otherwise."""
+    if not (_reading_trusted() and all_plain(arrays)):
+        return None
+    ids = np.fromiter(map(id, arrays), np.int64, len(arrays))
+    return rows_of_ids(ids), ids
+
+
+def rows_of_ids(ids: np.ndarray) -> np.ndarray:
+    """:func:`array_rows`' rows of the plain arrays at ``ids``, which the caller keeps
+    alive (an id is the object's address)."""
+    rows = np.empty((len(ids), len(ARRAY_COLUMNS)), np.int64)
+    read_arrays(ids, _DESCRS, _ITEMSIZES, rows)
+    return rows
 
 
 def shapes_differ_at(arrays: list, others: list, ids, other_ids) -> int:

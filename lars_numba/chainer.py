@@ -11,6 +11,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable, Iterable
+from operator import attrgetter, is_, itemgetter
 
 import chainer
 import chainer.optimizer_hooks
@@ -608,9 +609,11 @@ class LARS(chainer.optimizer.GradientMethod):
         self.report = report
         self.parallel = parallel
         self._masks = _Masks(exclude, exclude_from_weight_decay, exclude_from_adaptation)
+        self._plan: _StepPlan | None = None
 
     def setup(self, link: chainer.Link) -> LARS:
         self._masks.clear()  # the exclusions decide anew for the paths of this link
+        self._plan = None
         return super().setup(link)
 
     def create_update_rule(self) -> _LARSRule:
@@ -647,6 +650,13 @@ class LARS(chainer.optimizer.GradientMethod):
 
     def _step(self) -> None:
         skip_nonfinite = bool(self._loss_scaling_is_dynamic)
+        if self._plan is not None:
+            taken = self._plan.step(self, skip_nonfinite)
+            if taken is not None:
+                if not taken:
+                    self._skip()
+                return
+            self._plan = None
         # By the rule's own hyperparameters (None: the optimizer's) and the loss
         # scale its gradient was computed with, which the step unscales.
         hypers: dict[tuple, _api.Hyperparameters] = {}
@@ -690,6 +700,9 @@ class LARS(chainer.optimizer.GradientMethod):
             if group is None:
                 group = groups[hyper] = _StepGroup(hyper)
             group.add(path, param, w, g, rule, masks)
+        if not alone and not unstepped and len(hypers) == 1 and next(iter(hypers))[0] is None:
+            (group,) = groups.values()
+            self._plan = _StepPlan.of(self.target, group)
         if skip_nonfinite and not self._finite(alone, unstepped, list(groups.values())[1:]):
             self._skip()
             return
@@ -730,9 +743,12 @@ class _StepGroup:
 
     def __init__(self, hyper: _api.Hyperparameters):
         self.hyper = hyper
-        #: A tuple per parameter: path, rule, array, gradient, velocity, master
-        #: (or None) and masks; one append per parameter, on the path of every update.
+        #: A tuple per parameter: path, parameter, rule, array, gradient, velocity,
+        #: master (or None) and masks; one append per parameter.
         self.members: list[tuple] = []
+        self._plan: _api.MomentumPlan | None = None
+        self._gs: list | None = None  # the checked gradients, until the step
+        self._g_rows: np.ndarray | None = None
 
     def add(
         self,
@@ -756,43 +772,171 @@ class _StepGroup:
         if state is None or type(state["v"]) is not np.ndarray:
             rule._init_states(updated)  # creates the velocity, or brings it to the CPU
             state = rule.state
-        self.members.append((path, rule, w, g, state["v"], master, masks))
+        self.members.append((path, param, rule, w, g, state["v"], master, masks))
 
     @property
     def gs(self) -> list[np.ndarray]:
         """The gradients of the group."""
-        return [member[3] for member in self.members]
+        return [member[4] for member in self.members]
+
+    @property
+    def plan(self) -> _api.MomentumPlan:
+        """The checked arrays of the group's step (raises as momentum_step does)."""
+        if self._plan is None:
+            ws, gs, vs, masters, masks = list(zip(*self.members, strict=True))[3:]
+            mask_lists = [None, None]
+            if not all(decays and adapts for decays, adapts in masks):
+                mask_lists = [[mask[column] for mask in masks] for column in (0, 1)]
+            if all(master is None for master in masters):
+                masters = None
+            self._plan, self._gs, self._g_rows = _api.momentum_plan(
+                ws, gs, vs, masters, *mask_lists
+            )
+        return self._plan
 
     def step(self, skip_nonfinite: bool, report: bool, parallel: bool) -> bool:
         """The fused step; whether it was taken."""
-        paths, rules, ws, gs, vs, masters, masks = zip(*self.members, strict=True)
-        mask_lists = [None, None]
-        if not all(decays and adapts for decays, adapts in masks):
-            mask_lists = [[mask[column] for mask in masks] for column in (0, 1)]
-        if all(master is None for master in masters):
-            masters = None
-        rates = np.empty(len(ws)) if report else None
-        taken = _api.momentum_step(
-            ws,
-            gs,
-            vs,
-            masters,
-            self.hyper,
-            False,
-            *mask_lists,
-            rates,
-            skip_nonfinite,
-            parallel,
-        )
+        plan = self.plan
+        taken = plan.run(self._gs, self._g_rows, self.hyper, skip_nonfinite, parallel)
+        self._gs = None  # not kept beyond the step
         if taken:
-            for rule in rules:
-                rule.t += 1
-            if rates is not None:
-                values = rates.tolist()
-                chainer.report(
-                    {"lars" + path: rate for path, rate in zip(paths, values, strict=True)}
-                )
+            paths, _, rules = list(zip(*self.members, strict=True))[:3]
+            _stepped(rules, paths, plan.rates if report else None)
         return taken
+
+
+class _StepPlan:
+    """The fused step of a model whose parameters all take one :class:`_StepGroup`
+    with the optimizer's hyperparameters, kept from one update to the next.
+
+    On a model of many small parameters the walk over the model and the checks
+    of every array cost more than the step. The plan finds, in a pass per
+    attribute over its parameters, that the model holds the same links,
+    parameters, arrays, rules and states, and that nothing sends a parameter
+    down another path (a rule disabled or given hooks or hyperparameters of its
+    own, ``use_fp32_update``, another loss scale); it reads the gradients and
+    leaves the checks of the arrays to :meth:`lars_numba._api.MomentumPlan.restep`.
+    Anything else drops it, and the update takes the walk.
+    """
+
+    def __init__(self, target: chainer.Link, links: list[tuple], group: _StepGroup):
+        self.target, self.links, self.plan = target, links, group.plan
+        self.paths, self.params, self.rules, self.ws, _, self.vs, masters, _ = zip(
+            *group.members, strict=True
+        )
+        self.loss_scale = self.params[0]._loss_scale
+        self.hyperparams = [rule.hyperparam for rule in self.rules]
+        self.own_hyperparams = [vars(hyperparam) for hyperparam in self.hyperparams]
+        self.states = [rule._state for rule in self.rules]
+        hookables = [rule._hookable for rule in self.rules]
+        self.hooks = [hooks._pre_update_hooks for hooks in hookables]
+        self.hooks += [hooks._post_update_hooks for hooks in hookables]
+        self.halves = [
+            (rule, master)
+            for rule, w, master in zip(self.rules, self.ws, masters, strict=True)
+            if w.dtype == np.float16
+        ]
+
+    @classmethod
+    def of(cls, target: chainer.Link, group: _StepGroup) -> _StepPlan | None:
+        """The plan of ``group``, all of ``target``'s parameters; ``None`` if a link
+        of ``target`` finds its parameters its own way."""
+        links = _link_tree(target)
+        return None if links is None else cls(target, links, group)
+
+    def step(self, optimizer: LARS, skip_nonfinite: bool) -> bool | None:
+        """The step of ``optimizer``'s update; whether it was taken, or ``None``
+        (before anything is written) if the plan no longer holds."""
+        gs = self._gradients(optimizer)
+        if gs is None:
+            return None
+        grad_scale = 1.0 if self.loss_scale is None else 1.0 / self.loss_scale
+        hyper = _step_hyperparameters(optimizer.hyperparam, grad_scale)
+        taken = self.plan.restep(gs, hyper, skip_nonfinite, optimizer.parallel)
+        if taken:
+            _stepped(self.rules, self.paths, self.plan.rates if optimizer.report else None)
+        return taken
+
+    def _gradients(self, optimizer: LARS) -> list | None:
+        """The parameters' gradients, if the model is as the plan found it."""
+        if optimizer.target is not self.target or not all(map(_same_link, self.links)):
+            return None
+        rules, datas, loss_scales = zip(*map(_PARAM_FIELDS, self.params), strict=True)
+        enabled, hyperparams, states = zip(*map(_RULE_FIELDS, self.rules), strict=True)
+        holds = (
+            all(map(is_, rules, self.rules))
+            and all(map(is_, map(_FIRST, datas), self.ws))
+            and set(loss_scales) == {self.loss_scale}
+            and all(enabled)
+            and all(map(is_, hyperparams, self.hyperparams))
+            and set(map(len, self.own_hyperparams)) == {1}  # the parent's reference alone
+            and all(map(is_, states, self.states))
+            and all(map(is_, map(_VELOCITY, states), self.vs))
+            and not any(map(len, self.hooks))
+            and all(_same_master(rule, master) for rule, master in self.halves)
+        )
+        # Chainer's property, which raises for a gradient that is not valid.
+        return list(map(_GRAD, self.params)) if holds else None
+
+
+#: What :class:`_StepPlan` reads of each parameter and each rule, in one pass each.
+_PARAM_FIELDS = attrgetter("update_rule", "_data", "_loss_scale")
+_RULE_FIELDS = attrgetter("enabled", "hyperparam", "_state")
+_FIRST, _VELOCITY, _GRAD = itemgetter(0), itemgetter("v"), attrgetter("grad")
+#: The ways of Chainer's links to find their parameters that _link_tree knows.
+_NAMEDPARAMS = (chainer.Link.namedparams, chainer.Chain.namedparams, chainer.ChainList.namedparams)
+
+
+def _link_tree(target: chainer.Link) -> list[tuple] | None:
+    """What Chainer's ``namedparams`` reads of each link under ``target``, for
+    :func:`_same_link`; ``None`` if a link has a ``namedparams`` of its own."""
+    tree = []
+    for link in target.links():
+        if type(link).namedparams not in _NAMEDPARAMS:
+            return None
+        names = sorted(link._params)
+        children = listed = None
+        if isinstance(link, chainer.ChainList):
+            listed = tuple(link._children)
+        elif isinstance(link, chainer.Chain):
+            children = set(link._children)
+            names += sorted(children)
+        values = tuple(link.__dict__[name] for name in names)
+        tree.append((link, set(link._params), children, names, values, listed))
+    return tree
+
+
+def _same_link(entry: tuple) -> bool:
+    """Whether the link of an entry of :func:`_link_tree` still holds what it held."""
+    link, params, children, names, values, listed = entry
+    return (
+        link._params == params
+        and (children is None or link._children == children)
+        and (
+            listed is None
+            or (len(link._children) == len(listed) and all(map(is_, link._children, listed)))
+        )
+        and all(map(is_, map(link.__dict__.__getitem__, names), values))
+    )
+
+
+def _same_master(rule: _LARSRule, master: np.ndarray | None) -> bool:
+    """Whether a float16 parameter's rule still has the float32 master ``master``
+    (or, for ``None``, none)."""
+    if master is None:
+        return not rule._use_fp32_update
+    copy = rule._fp32_param
+    return rule._use_fp32_update and copy is not None and copy._data[0] is master
+
+
+def _stepped(rules: list, paths: list, rates: np.ndarray | None) -> None:
+    """What follows a fused step that was taken: each rule counts it, and the trust
+    ratios go to :func:`chainer.report` if ``rates`` holds them."""
+    for rule in rules:
+        rule.t += 1
+    if rates is not None:
+        values = rates.tolist()
+        chainer.report({"lars" + path: rate for path, rate in zip(paths, values, strict=True)})
 
 
 def _step_hyperparameters(

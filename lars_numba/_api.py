@@ -420,6 +420,12 @@ class MomentumPlan:
         self.rates = np.empty(len(with_master))
         self._written: tuple[np.ndarray, np.ndarray] | None = None
 
+    def __getstate__(self) -> None:
+        raise TypeError(
+            "a MomentumPlan holds the addresses of its arrays and cannot be copied or "
+            "pickled; make one anew with momentum_plan"
+        )
+
     def run(
         self, gs: list, g_rows: np.ndarray, hyper, skip_nonfinite: bool, parallel: bool
     ) -> bool:

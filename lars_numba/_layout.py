@@ -344,7 +344,13 @@ def array_rows(arrays: list) -> tuple[np.ndarray, np.ndarray | None]:
     """
     plain = plain_rows(arrays)
     if plain is not None:
-        return plain
+        rows, ids = plain
+        # A float dtype that is not NumPy's own object for it (an unpickled
+        # array's, say) is not known by its address: its row is read as any
+        # other array's.
+        for index in np.flatnonzero(rows[:, KIND] < 0):
+            rows[index] = _attribute_row(arrays[index])
+        return rows, ids
     rows = np.empty((len(arrays), len(ARRAY_COLUMNS)), np.int64)
     for index, array in enumerate(arrays):
         rows[index] = _attribute_row(array)
@@ -362,8 +368,8 @@ def plain_rows(arrays: list) -> tuple[np.ndarray, np.ndarray] | None:
 
 def rows_of_ids(ids: np.ndarray) -> np.ndarray:
     """:func:`array_rows`' rows of the plain arrays at ``ids``, which the caller keeps
-    alive (an id is the object's address)."""
-    rows = np.empty((len(ids), len(ARRAY_COLUMNS)), np.int64)
+    alive (an id is the object's address); a row of KIND -1 holds nothing else."""
+    rows = np.zeros((len(ids), len(ARRAY_COLUMNS)), np.int64)
     read_arrays(ids, _DESCRS, _ITEMSIZES, rows)
     return rows
 

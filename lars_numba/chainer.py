@@ -616,6 +616,11 @@ class LARS(chainer.optimizer.GradientMethod):
         self._plan = None
         return super().setup(link)
 
+    def __getstate__(self) -> dict:
+        # A copy or a pickle walks its own model at its first update: the plan
+        # holds the addresses of this model's arrays.
+        return {**self.__dict__, "_plan": None}
+
     def create_update_rule(self) -> _LARSRule:
         return _LARSRule(self.hyperparam, self.parallel)
 
@@ -1012,13 +1017,26 @@ def ndim_at_most(n: int) -> Callable[[str, chainer.Parameter], bool]:
 
 def _exclusion(name: str, value: Exclusion) -> Callable[[str, chainer.Parameter], bool]:
     """``value`` of ``exclude`` or its finer variants as a predicate."""
+    # Module-level functions, not lambdas, so that the hooks and the optimizer pickle.
     if value is None:
-        return lambda path, param: False
+        return _excludes_nothing
     if callable(value):
-        return lambda path, param: bool(value(path, param))
+        return functools.partial(_as_bool, value)
     patterns = (value,) if isinstance(value, str) else tuple(value)
     if not all(isinstance(pattern, str) for pattern in patterns):
         raise TypeError(
             f"{name} must be a pattern, a sequence of patterns or a predicate; got {value!r}"
         )
-    return lambda path, param: any(fnmatch.fnmatchcase(path, pattern) for pattern in patterns)
+    return functools.partial(_matches_any, patterns)
+
+
+def _excludes_nothing(path: str, param: chainer.Parameter) -> bool:
+    return False
+
+
+def _as_bool(predicate: Callable, path: str, param: chainer.Parameter) -> bool:
+    return bool(predicate(path, param))
+
+
+def _matches_any(patterns: tuple[str, ...], path: str, param: chainer.Parameter) -> bool:
+    return any(fnmatch.fnmatchcase(path, pattern) for pattern in patterns)

@@ -934,3 +934,29 @@ def test_cuda_arrays_are_refused():
     with pytest.raises(TypeError):
         lars_numba.momentum_step([w], [g], [v], lr=0.1)
     np.testing.assert_array_equal(w.copy_to_host(), np.ones(4, np.float32))
+
+
+@pytest.mark.parametrize("retyped", ["unpickled", "dtype with metadata"])
+def test_arrays_of_a_float_dtype_other_than_numpys_own_object_step_alike(retyped):
+    """An unpickled array's dtype equals float32 but is another object than NumPy's
+    own: its arrays step as any others (once refused, as of a dtype unlike ws')."""
+    import pickle
+
+    def other_object(array):
+        if retyped == "unpickled":
+            return pickle.loads(pickle.dumps(array))
+        return array.view(np.dtype(array.dtype.str, metadata={"note": "ours"}))
+
+    rng = np.random.default_rng(5)
+    shapes_dtypes = [((3, 4), np.float32, False), ((7,), np.float16, True), ((), np.float64, False)]
+    steps = [new_step(rng, shape, dtype, master=m) for shape, dtype, m in shapes_dtypes]
+    others = [
+        Step(*(None if a is None else other_object(a) for a in step.arrays())) for step in steps
+    ]
+    assert all(o.w.dtype is not s.w.dtype for o, s in zip(others, steps, strict=True))
+    assert run(steps, lr=0.1, weight_decay=1e-2) is True
+    assert run(others, lr=0.1, weight_decay=1e-2) is True
+    for step, other in zip(steps, others, strict=True):
+        for array, retyped_array in zip(step.arrays(), other.arrays(), strict=True):
+            if array is not None:
+                np.testing.assert_array_equal(retyped_array.view(array.dtype), array)

@@ -102,6 +102,20 @@ def optax_lars_oracle(w, g, weight_decay=0.0, trust_coefficient=0.001, eps=0.0):
     return float(rate), rate * update
 
 
+def mxnet_lars_oracle(w, g, weight_decay=0.0, eta=0.001, epsilon=1e-8, rescale_grad=1.0):
+    """Apache MXNet, ``python/mxnet/optimizer/lars.py``, ``LARS._get_lars`` and
+    ``LARS.step`` (the sums of ``multi_lars`` in ``src/operator/contrib/multi_lars-inl.h``
+    are the same): the norm of the gradient times ``rescale_grad``, rate 1 where
+    either norm is zero, and weight decay added wherever the rate applies."""
+    w64, g64, w_norm, g_norm = _norms(w, g)
+    g_norm = g_norm * rescale_grad
+    update = rescale_grad * g64 + weight_decay * w64
+    if w_norm == 0 or g_norm == 0:
+        return 1.0, update
+    rate = eta * w_norm / (g_norm + weight_decay * w_norm + epsilon)
+    return float(rate), rate * update
+
+
 # -- the momentum step ------------------------------------------------------------
 
 

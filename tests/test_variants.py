@@ -16,6 +16,7 @@ import pytest
 from conftest import (
     apex_larc_oracle,
     lars_oracle,
+    mxnet_lars_oracle,
     optax_lars_oracle,
     timm_lars_oracle,
 )
@@ -78,6 +79,10 @@ VARIANTS = {
             "denominator": "update",
         },
         functools.partial(optax_lars_oracle, weight_decay=1e-4),
+    ),
+    "MXNet LARS": (
+        {"threshold": 0.0, "weight_decay": 1e-4, "eps": 1e-8, "trust_coefficient": 1e-3},
+        functools.partial(mxnet_lars_oracle, weight_decay=1e-4, eta=1e-3, epsilon=1e-8),
     ),
 }
 
@@ -483,3 +488,55 @@ def test_an_optax_lars_recipe_follows_optax_with_scale_all():
     for name in params:
         np.testing.assert_allclose(ours[name], oracle[name], rtol=1e-10)
     assert not np.allclose(oracle["W"], params["W"], rtol=0.1)
+
+
+def test_an_mxnet_lars_recipe_follows_mxnet_with_momentum_step():
+    """MXNet's ``LARS`` (``step``: the rate of the rescaled gradient, biases, gammas and
+    betas not adapted but decayed, then ``mom = momentum * mom - lr * rate * grad``,
+    ``weight += mom``) against :func:`lars_numba.momentum_step` with ``grad_scale``
+    as MXNet's ``rescale_grad``: the gradients are sums over a batch of 64."""
+    lr, momentum, weight_decay, eta, epsilon, batch = 0.5, 0.9, 1e-3, 0.05, 1e-8, 64
+    params, gradients = regression()
+    params = {"weight": params["W"], "bias": params["b"]}
+
+    def summed_gradients(values):
+        grads = gradients({"W": values["weight"], "b": values["bias"]})
+        return {"weight": grads["W"] * batch, "bias": grads["b"] * batch}
+
+    adapts = {name: not name.endswith(("gamma", "beta", "bias")) for name in params}
+    oracle = {name: value.copy() for name, value in params.items()}
+    moms = {name: np.zeros_like(value) for name, value in params.items()}
+    oracle_rates = []
+    for _ in range(STEPS):
+        for name, grad in summed_gradients(oracle).items():
+            if adapts[name]:
+                rate, update = mxnet_lars_oracle(
+                    oracle[name], grad, weight_decay, eta, epsilon, rescale_grad=1 / batch
+                )
+                oracle_rates.append(rate)
+            else:
+                update = grad / batch + weight_decay * oracle[name]
+            moms[name] = momentum * moms[name] - lr * update
+            oracle[name] = oracle[name] + moms[name]
+    assert len(set(oracle_rates)) > 1 and all(0 < rate < 1 for rate in oracle_rates)
+
+    ours = {name: value.copy() for name, value in params.items()}
+    velocities = {name: np.zeros_like(value) for name, value in params.items()}
+    for _ in range(STEPS):
+        stepped = lars_numba.momentum_step(
+            list(ours.values()),
+            list(summed_gradients(ours).values()),
+            list(velocities.values()),
+            lr=lr,
+            momentum=momentum,
+            threshold=0.0,
+            weight_decay=weight_decay,
+            eps=epsilon,
+            trust_coefficient=eta,
+            grad_scale=1 / batch,
+            trust_ratio_mask=list(adapts.values()),
+        )
+        assert stepped
+    for name in params:
+        np.testing.assert_allclose(ours[name], oracle[name], rtol=1e-10)
+    assert not np.allclose(oracle["weight"], params["weight"], rtol=0.1)

@@ -178,8 +178,16 @@ def _store(value, array):
 rate_from_sums = njit(inline="always", **OPTIONS)(_rule.rate_from_sums)
 masked = njit(inline="always", **OPTIONS)(_rule.masked)
 
+#: The update loops reduce nothing, so they need no ``reassoc``; with it, LLVM
+#: rewrites ``weight_decay / grad_scale * w`` as ``weight_decay * w / grad_scale``,
+#: a division per element where the loop-invariant quotient was hoisted (the
+#: float16 update pass was bound by those divisions).
+ELEMENTWISE_OPTIONS = {**OPTIONS, "fastmath": {"contract"}}
+
 #: The updates, compiled, in the order of ``_rule.UPDATES``.
-_UPDATES = tuple(njit(inline="always", **OPTIONS)(u.function) for u in _rule.UPDATES.values())
+_UPDATES = tuple(
+    njit(inline="always", **ELEMENTWISE_OPTIONS)(u.function) for u in _rule.UPDATES.values()
+)
 _UPDATE_SHAPES = tuple(_rule.UPDATES.values())
 ZERO_SUMS = (0.0,) * _rule.SUMS
 
@@ -425,7 +433,9 @@ def update_chunk(arrays, rate, hyper, update):
     """Apply update number ``update`` (a constant) to each element of the 1-d ``arrays``."""
 
 
-@overload(update_chunk, inline="always")
+# Not inlined by Numba, which would compile the loop with the calling kernel's
+# flags: LLVM inlines it later with its own.
+@overload(update_chunk, jit_options=ELEMENTWISE_OPTIONS)
 def _update_chunk(arrays, rate, hyper, update):
     if not isinstance(update, types.IntegerLiteral):
         return None  # Numba asks again with the constant's value

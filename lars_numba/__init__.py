@@ -279,7 +279,8 @@ def momentum_step(
     masters: Sequence[np.ndarray | None] | None = None,
     rates: np.ndarray | None = None,
     parallel: bool = True,
-) -> bool:
+    nonfinite: object | None = None,
+) -> bool | None:
     """One LARS momentum-SGD step of every pair, fused: two passes over memory.
 
     For each pair, with ``G = grad_scale * gs[i]`` and ``W`` the weights
@@ -296,15 +297,22 @@ def momentum_step(
     :func:`scale_all` on ``W`` and ``G``, bit for bit, whatever the thread
     count and the other pairs of the call.
 
+    The arrays may be NumPy arrays or CUDA arrays (CuPy's, Numba's, any
+    ``__cuda_array_interface__``), all of one kind. On CUDA arrays the step is
+    two launches per group of up to ``tunables.TUPLE_WIDTH`` pairs of the same
+    dtypes, enqueued on the caller's stream without synchronization (as for
+    :func:`scale_all`); the call returns ``None`` and, with
+    ``skip_nonfinite``, the decision to skip is made on the device.
+
     Parameters
     ----------
-    ws : sequence of numpy.ndarray
+    ws : sequence of numpy.ndarray or CUDA arrays
         The weights, updated in place; float16, float32 or float64, any shape
         and layout.
-    gs : sequence of numpy.ndarray
+    gs : sequence of numpy.ndarray or CUDA arrays
         The gradients, ``gs[i]`` of the dtype and shape of ``ws[i]``; they may
         be read-only.
-    vs : sequence of numpy.ndarray
+    vs : sequence of numpy.ndarray or CUDA arrays
         The velocities, updated in place: ``vs[i]`` of the shape of ``ws[i]``
         and of its dtype, or float32 where ``ws[i]`` is float16 or has a master.
     lr : float
@@ -337,25 +345,32 @@ def momentum_step(
         (left as it was when the step is skipped).
     parallel : bool, optional
         As for :func:`scale_all`.
+    nonfinite : CUDA array, optional
+        With CUDA arrays only: a bool array of shape ``(1,)`` that receives,
+        on the device, whether some gradient held NaN or Inf (so that the
+        step was skipped, with ``skip_nonfinite``). The call reads and writes
+        it on its stream; read it after that stream's work.
 
     Returns
     -------
-    bool
+    bool or None
         Whether the step was taken: ``False`` only when ``skip_nonfinite``
-        found a non-finite gradient.
+        found a non-finite gradient. ``None`` for CUDA arrays, whose step is
+        enqueued (see ``nonfinite``).
 
     Raises
     ------
     TypeError
-        If an argument is not a sequence of NumPy arrays (CUDA arrays are not
-        taken yet), a dtype is not one described above, or a mask does not
-        hold booleans.
+        If an argument is not a sequence of NumPy arrays or of CUDA arrays,
+        the arrays are of both kinds, a dtype is not one described above, a
+        mask does not hold booleans, or ``nonfinite`` is given with NumPy
+        arrays or is not a bool CUDA array of shape ``(1,)``.
     ValueError
         If the sequences differ in length, a shape differs from that of
         ``ws[i]``, a hyperparameter is out of range, a written array (``ws``,
-        ``vs``, ``masters``, ``rates``) is read-only or its address range
-        overlaps any other array of the call. Nothing is written when an
-        error is raised.
+        ``vs``, ``masters``, ``rates``, ``nonfinite``) is read-only or its
+        address range overlaps any other array of the call. Nothing is
+        written when an error is raised.
 
     Examples
     --------
@@ -390,4 +405,5 @@ def momentum_step(
         rates,
         skip_nonfinite,
         parallel,
+        nonfinite,
     )

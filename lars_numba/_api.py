@@ -197,8 +197,9 @@ def scale_all(
         raise ValueError(f"gs must hold one array per array of ws, {len(ws)}; got {len(gs)}")
     masks = pair_masks(len(ws), weight_decay_mask, trust_ratio_mask)
     arrays = (*ws, *gs) if rates is None else (*ws, *gs, rates)
-    # Plain NumPy arrays, the common case, are told apart without a call per array.
-    if all(isinstance(array, np.ndarray) for array in arrays) or not any(map(on_gpu, arrays)):
+    # Plain NumPy arrays, the common case, are told apart without a Python call
+    # per array (subclasses of ndarray take the second test).
+    if set(map(type, arrays)) == {np.ndarray} or not any(map(on_gpu, arrays)):
         _scale_all_cpu(ws, gs, hyper, masks, rates, parallel)
         return
     # The name "rates" is unused when rates is None: zip stops at the arrays.
@@ -315,14 +316,42 @@ def momentum_step(
     rates: object,
     skip_nonfinite: bool,
     parallel: bool,
-) -> bool:
+    nonfinite: object = None,
+) -> bool | None:
     """One momentum step of every pair after checking every argument (see
-    :func:`lars_numba.momentum_step`); whether it was taken.
+    :func:`lars_numba.momentum_step`); whether it was taken, or ``None`` for
+    CUDA arrays, whose step is enqueued.
 
     ``clip`` makes the learning rate of ``hyper`` its ``clip_lr`` too.
     """
     if clip:
         hyper = _rule.clipped_at_lr(hyper)
+    ws, gs, vs = (
+        _array_sequence(name, value)
+        for name, value in zip("ws gs vs".split(), (ws, gs, vs), strict=True)
+    )
+    masters = None if masters is None else _array_sequence("masters", masters)
+    arrays = [*ws, *gs, *vs, *(masters or ()), rates, nonfinite]
+    # NumPy arrays, the common case, are told apart without a Python call per array.
+    if not set(map(type, arrays)) <= _HOST_TYPES and any(map(on_gpu, arrays)):
+        _momentum_step_gpu(
+            ws,
+            gs,
+            vs,
+            masters,
+            hyper,
+            weight_decay_mask,
+            trust_ratio_mask,
+            rates,
+            skip_nonfinite,
+            nonfinite,
+        )
+        return None
+    if nonfinite is not None:
+        raise TypeError(
+            "nonfinite must be None with NumPy arrays, whose call returns whether the step "
+            f"was taken; got {type(nonfinite).__name__}"
+        )
     plan, gs, g_rows = momentum_plan(
         ws, gs, vs, masters, weight_decay_mask, trust_ratio_mask, rates
     )
@@ -401,6 +430,127 @@ def momentum_plan(
     gs, g_rows = columns.pop("gs"), rows.pop("gs")
     del ids["gs"]
     return MomentumPlan(columns, rows, ids, with_master, masks), gs, g_rows
+
+
+_HOST_TYPES = {np.ndarray, type(None)}
+
+
+def _momentum_step_gpu(
+    ws: list,
+    gs: list,
+    vs: list,
+    masters: list | None,
+    hyper: Hyperparameters,
+    weight_decay_mask: object,
+    trust_ratio_mask: object,
+    rates: object,
+    skip_nonfinite: bool,
+    nonfinite: object,
+) -> None:
+    """:func:`momentum_step` of CUDA arrays: the checks of the NumPy path, then the
+    step enqueued on the caller's stream."""
+    pairs = len(ws)
+    for name, value in (("gs", gs), ("vs", vs), ("masters", masters)):
+        if value is not None and len(value) != pairs:
+            entries = "entry" if name == "masters" else "array"
+            raise ValueError(
+                f"{name} must hold one {entries} per array of ws, {pairs}; got {len(value)}"
+            )
+    masks = pair_masks(pairs, weight_decay_mask, trust_ratio_mask)
+    gpu = _gpu_module()
+    named = {"ws": ws, "gs": gs, "vs": vs}
+    if masters is not None:
+        named["masters"] = masters
+    placed = [
+        (f"{name}[{i}]", array)
+        for name, arrays in named.items()
+        for i, array in enumerate(arrays)
+        if array is not None
+    ]
+    placed += [(name, array) for name, array in (("rates", rates), ("nonfinite", nonfinite))]
+    cpu = next((label for label, array in placed if isinstance(array, np.ndarray)), None)
+    if cpu is not None:
+        gpu_label = next(label for label, array in placed if on_gpu(array))
+        raise TypeError(
+            "the arrays must all be NumPy arrays or all CUDA arrays; "
+            f"got {cpu} on the CPU and {gpu_label} on the GPU"
+        )
+    devices, handles, labels = {}, [], []
+
+    def device_array(label: str, array: object, written: bool):
+        if not on_gpu(array):
+            _check_array(label, array)  # names the object that is no array
+        device, stream = gpu.as_device_array(array)
+        if written:
+            _refuse_read_only_interface(label, array)
+        handles.append(stream)
+        labels.append((label, written))
+        return device
+
+    for name, arrays in named.items():
+        devices[name] = [
+            None if array is None else device_array(f"{name}[{i}]", array, name != "gs")
+            for i, array in enumerate(arrays)
+        ]
+        for i, array in enumerate(devices[name]):
+            if array is not None:
+                _check_array(f"{name}[{i}]", array)
+    for i, w in enumerate(devices["ws"]):
+        master = devices.get("masters", [None] * pairs)[i]
+        velocity = np.float32 if master is not None or w.dtype == np.float16 else w.dtype
+        expected = {
+            "gs": (w.dtype, f"the dtype of ws[{i}], {w.dtype}"),
+            "vs": (
+                np.dtype(velocity),
+                f"dtype {np.dtype(velocity)} for ws[{i}] of {w.dtype}"
+                + (" with a master" if master is not None else ""),
+            ),
+            "masters": (np.dtype(np.float32), "dtype float32"),
+        }
+        for name in named.keys() - {"ws"}:
+            array = devices[name][i]
+            if array is None:
+                continue
+            dtype, wanted = expected[name]
+            if array.dtype != dtype:
+                raise TypeError(f"{name}[{i}] must have {wanted}; got {array.dtype}")
+            if array.shape != w.shape:
+                raise ValueError(
+                    f"{name}[{i}] must have the shape of ws[{i}], {w.shape}; got {array.shape}"
+                )
+    extra = []
+    if rates is not None:
+        rates = device_array("rates", rates, True)
+        _check_rates(rates, pairs)
+        extra.append(rates)
+    if nonfinite is not None:
+        nonfinite = device_array("nonfinite", nonfinite, True)
+        if nonfinite.dtype != np.bool_ or nonfinite.shape != (1,):
+            raise TypeError(
+                "nonfinite must be a bool CUDA array of shape (1,); "
+                f"got {nonfinite.dtype} of shape {nonfinite.shape}"
+            )
+        extra.append(nonfinite)
+    every = [array for arrays in devices.values() for array in arrays if array is not None]
+    bounds = np.array([gpu.device_bounds(array) for array in (*every, *extra)], np.int64)
+    written = np.array([is_written for _, is_written in labels])
+    first, second = _layout.first_overlap(
+        bounds[:, 0], bounds[:, 1], np.arange(len(bounds)), written
+    )
+    if first >= 0:
+        raise ValueError(
+            f"{labels[min(first, second)][0]} and {labels[max(first, second)][0]} overlap in "
+            "memory; an array that is written must not overlap any other array of the call"
+        )
+    masters_of = devices.get("masters", [None] * pairs)
+    columns = [
+        (w, g, v) if master is None else (master, g, v, w)
+        for w, g, v, master in zip(
+            devices["ws"], devices["gs"], devices["vs"], masters_of, strict=True
+        )
+    ]
+    streams = gpu.caller_streams(handles)
+    gpu.momentum_step(columns, hyper, masks, rates, streams, skip_nonfinite, nonfinite)
 
 
 class MomentumPlan:

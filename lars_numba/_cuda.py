@@ -5,7 +5,7 @@ Imported by :mod:`lars_numba._api` only when a CUDA array is seen, so that
 
 The rule comes from :mod:`lars_numba._rule`, compiled here as device
 functions from the same source the CPU engine compiles. Every call, ``scale``
-on one pair or ``scale_all`` on many, is the same two kernels, twice per
+on one pair, ``scale_all`` or ``momentum_step`` on many, is two kernels per
 group of pairs, on the caller's stream and without synchronization (as
 apex's ``multi_tensor_apply`` does):
 
@@ -20,9 +20,12 @@ apex's ``multi_tensor_apply`` does):
    So the scratch needs no zeroing launch, and the totals do not depend on
    the order in which blocks finish, as they would with floating-point
    atomics.
-2. :func:`update_chunks` has each block compute its pair's rate from the
+2. :func:`update_chunks` (``step_chunks`` for a momentum step, over three
+   or four arrays a pair) has each block compute its pair's rate from the
    total and update its chunk; the block with the pair's first chunk stores
-   the rate, if asked.
+   the rate, if asked. A momentum step may be skipped on the device: the
+   sums set a flag where a gradient is not finite, every group's sums then
+   run first, and the step kernels do nothing if the flag is set.
 
 Contiguous pairs of one dtype go :data:`lars_numba.tunables.TUPLE_WIDTH` to a
 group, as 1-d views; any other pair is a group of its own, as n-d arrays of
@@ -48,6 +51,7 @@ closure, so that a change of the rule compiles them anew.
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 from collections import OrderedDict
@@ -84,6 +88,7 @@ masked = _device(_rule.masked)
 #: The updates, compiled, and what they write, in the order of ``_rule.UPDATES``.
 _UPDATES = tuple(_device(update.function) for update in _rule.UPDATES.values())
 _WRITTEN = tuple(update.written for update in _rule.UPDATES.values())
+_ROUNDED_COPY = tuple(update.rounded_copy for update in _rule.UPDATES.values())
 
 
 @cuda.jit(device=True, inline=True)
@@ -156,12 +161,13 @@ def sums_row(sums, row):
 
 
 @cuda.jit(device=True, inline=True)
-def add_up_partials(shared, sums, row, partial, ticket, slot, first, end, total_row):
+def add_up_partials(shared, sums, row, partial, ticket, slot, first, end, total_row, nonfinite):
     """Store a block's sums ``partial`` in ``sums[row]``; the last of ``first:end`` adds up.
 
     ``ticket[slot]`` counts the rows of ``sums[first:end]`` stored so far,
     modulo their number. The block that stores the last writes their total,
-    added in a fixed order, to ``sums[total_row]``. Every thread of the block
+    added in a fixed order, to ``sums[total_row]``, and sets ``nonfinite[0]``
+    if the gradient's sum of squares is not finite. Every thread of the block
     must call this, as it synchronizes the block.
     """
     last = cuda.shared.array(1, np.int32)
@@ -188,16 +194,20 @@ def add_up_partials(shared, sums, row, partial, ticket, slot, first, end, total_
         if cuda.threadIdx.x == 0:
             for k in range(len(total)):
                 sums[total_row, k] = total[k]
+            if not math.isfinite(total[1]):
+                nonfinite[0] = True
     # Every thread has read ``shared`` before a caller's next reduction writes it.
     cuda.syncthreads()
 
 
 # -- kernels -------------------------------------------------------------------
 #
-# They take ``ws`` and ``gs``, tuples of arrays, and ``chunks``, whose row ``c``
-# describes chunk ``c`` (see ``CHUNK_COLUMNS``). Numba's cache keys a kernel by
-# its bytecode and closure, so each update's kernel is made by a function
-# whose closure holds the update's number and the rule's digest.
+# They take tuples of arrays, one per array of a pair (``ws``, ``gs``, ...),
+# ``chunks``, whose row ``c`` describes chunk ``c`` (see ``CHUNK_COLUMNS``),
+# and ``sums`` from row ``base`` on: a row per chunk, then a total per slot.
+# Numba's cache keys a kernel by its bytecode and closure, so each update's
+# kernel is made by a function whose closure holds the update's number and
+# the rule's digest.
 
 #: The columns of a chunk table: the pair's slot in the tuples, the chunk's
 #: first and past-last elements, the pair's first and past-last rows of chunks,
@@ -211,11 +221,12 @@ def _sums_kernel():
     digest = _rule.SOURCE_DIGEST
 
     @cuda.jit(cache=True)
-    def sums_of_chunks(ws, gs, chunks, sums, ticket, hyper):
-        """``sums[len(chunks) + s] <-`` the sums over the pair in slot ``s``.
+    def sums_of_chunks(ws, gs, chunks, sums, base, ticket, hyper, nonfinite):
+        """``sums[base + len(chunks) + s] <-`` the sums over the pair in slot ``s``.
 
-        Chunk ``c``'s sums go to ``sums[c]``; ``ticket[s]`` counts the pair's
-        chunks done, and the block that does the last adds up the pair's rows.
+        Chunk ``c``'s sums go to ``sums[base + c]``; ``ticket[s]`` counts the
+        pair's chunks done, and the block that does the last adds up the pair's
+        rows and sets ``nonfinite[0]`` if its gradient is not finite.
         """
         assert digest
         shared = cuda.shared.array(0, float64)
@@ -234,13 +245,14 @@ def _sums_kernel():
             add_up_partials(
                 shared,
                 sums,
-                chunk,
+                base + chunk,
                 block_sums(shared, partial),
                 ticket,
                 slot,
-                chunks[chunk, 3],
-                chunks[chunk, 4],
-                chunks.shape[0] + slot,
+                base + chunks[chunk, 3],
+                base + chunks[chunk, 4],
+                base + chunks.shape[0] + slot,
+                nonfinite,
             )
 
     return sums_of_chunks
@@ -249,12 +261,26 @@ def _sums_kernel():
 sums_of_chunks = _sums_kernel()
 
 
+@cuda.jit(device=True, inline=True)
+def chunk_rate(chunks, chunk, sums, base, hyper, rates):
+    """The slot, the masked ``hyper`` and the rate of chunk ``chunk``'s pair, from
+    its total; the block of the pair's first chunk stores the rate in
+    ``rates[pair]``, unless ``rates`` is empty."""
+    slot = chunks[chunk, 0]
+    pair_hyper = masked(hyper, chunks[chunk, 6], chunks[chunk, 7])
+    rate = rate_from_sums(sums_row(sums, base + chunks.shape[0] + slot), pair_hyper)
+    if chunk == chunks[chunk, 3] and cuda.threadIdx.x == 0 and rates.size > 0:
+        rates[chunks[chunk, 5]] = rate
+    return slot, pair_hyper, rate
+
+
 def _update_kernel(update: int):
-    """The update kernel of update number ``update`` (see ``_rule.UPDATES``)."""
+    """The update kernel of update number ``update`` (see ``_rule.UPDATES``), for
+    pairs of two arrays."""
     digest = _rule.SOURCE_DIGEST
 
     @cuda.jit(cache=True)
-    def update_chunks(ws, gs, chunks, sums, hyper, rates):
+    def update_chunks(ws, gs, chunks, sums, base, hyper, rates):
         """Update each chunk, the rate from its pair's total and its masked ``hyper``.
 
         ``rates[pair]``, unless ``rates`` is empty, receives the pair's rate.
@@ -262,17 +288,11 @@ def _update_kernel(update: int):
         assert digest
         function = _UPDATES[update]
         written = _WRITTEN[update]
-        thread = cuda.threadIdx.x
         for chunk in range(cuda.blockIdx.x, chunks.shape[0], cuda.gridDim.x):
-            slot = chunks[chunk, 0]
-            total = chunks.shape[0] + slot
-            pair_hyper = masked(hyper, chunks[chunk, 6], chunks[chunk, 7])
-            rate = rate_from_sums(sums_row(sums, total), pair_hyper)
-            if chunk == chunks[chunk, 3] and thread == 0 and rates.size > 0:
-                rates[chunks[chunk, 5]] = rate
+            slot, pair_hyper, rate = chunk_rate(chunks, chunk, sums, base, hyper, rates)
             w = ws[slot]
             g = gs[slot]
-            for i in range(chunks[chunk, 1] + thread, chunks[chunk, 2], cuda.blockDim.x):
+            for i in range(chunks[chunk, 1] + cuda.threadIdx.x, chunks[chunk, 2], cuda.blockDim.x):
                 index = unravel(i, w.shape)  # g has the shape of w
                 values = function(rate, pair_hyper, float64(w[index]), float64(g[index]))
                 if written[0]:
@@ -283,13 +303,54 @@ def _update_kernel(update: int):
     return update_chunks
 
 
-#: The update kernels, by the update's name: for now, of the updates of pairs of
-#: two arrays (``momentum_step`` runs on the CPU only).
+def _step_kernel(update: int):
+    """The update kernel of update number ``update``, a momentum step: pairs of
+    weights (or masters), gradients and velocities, and the copies that receive
+    the new weights' rounding where the update has them."""
+    digest = _rule.SOURCE_DIGEST
+
+    @cuda.jit(cache=True)
+    def step_chunks(ws, gs, vs, copies, chunks, sums, base, hyper, rates, nonfinite, skip):
+        """:func:`update_chunks` for three arrays a pair (and a copy); nothing at
+        all if ``skip`` and ``nonfinite[0]``, set by the sums of this call."""
+        assert digest
+        if skip and nonfinite[0]:
+            return
+        function = _UPDATES[update]
+        written = _WRITTEN[update]
+        rounded_copy = _ROUNDED_COPY[update]
+        for chunk in range(cuda.blockIdx.x, chunks.shape[0], cuda.gridDim.x):
+            slot, pair_hyper, rate = chunk_rate(chunks, chunk, sums, base, hyper, rates)
+            w = ws[slot]
+            g = gs[slot]
+            v = vs[slot]
+            copy = copies[slot]
+            for i in range(chunks[chunk, 1] + cuda.threadIdx.x, chunks[chunk, 2], cuda.blockDim.x):
+                index = unravel(i, w.shape)  # the arrays of a pair have one shape
+                values = function(
+                    rate, pair_hyper, float64(w[index]), float64(g[index]), float64(v[index])
+                )
+                if written[0]:
+                    w[index] = values[0]
+                if written[1]:
+                    g[index] = values[1]
+                if written[2]:
+                    v[index] = values[2]
+                if rounded_copy:
+                    copy[index] = values[0]
+
+    return step_chunks
+
+
+#: The update kernels, by the update's name: ``update_chunks`` for pairs of two
+#: arrays, ``step_chunks`` for the momentum steps.
 UPDATE_KERNELS = {
-    name: _update_kernel(number)
+    name: (_update_kernel if update.arrays == 2 else _step_kernel)(number)
     for number, (name, update) in enumerate(_rule.UPDATES.items())
-    if update.arrays == 2
 }
+
+#: The update of pairs of each number of arrays.
+UPDATE_OF_ARITY = {update.arrays: name for name, update in _rule.UPDATES.items()}
 
 
 # -- streams -------------------------------------------------------------------
@@ -384,8 +445,9 @@ class Scratch(NamedTuple):
     """The device memory that one stream's calls reuse."""
 
     stream: object  #: the Numba stream
-    sums: object  #: float64, (rows, SUMS): each chunk's partial sums, then each pair's totals
+    sums: object  #: float64, (rows, SUMS): each group's chunks' partial sums, then its totals
     ticket: object  #: uint32, (TUPLE_WIDTH,): chunks done of each pair, modulo their number
+    nonfinite: object  #: bool, (1,): whether a gradient was not finite, where the call has no flag
     event: object  #: recorded on ``stream`` after each call's last launch
 
 
@@ -444,6 +506,7 @@ def _scratch_for(device, handle: int, key: tuple, rows: int) -> Scratch:
             stream=stream,
             sums=cuda.device_array((max(rows, 1), _rule.SUMS), np.float64, stream=stream),
             ticket=cuda.to_device(np.zeros(tunables.TUPLE_WIDTH, np.uint32), stream=stream),
+            nonfinite=cuda.to_device(_FINITE, stream=stream),
             event=_new_event(),
         )
         _scratch[key] = scratch
@@ -461,9 +524,10 @@ def _scratch_for(device, handle: int, key: tuple, rows: int) -> Scratch:
 class Group(NamedTuple):
     """The pairs that one launch of each kernel treats."""
 
-    pairs: tuple[int, ...]  #: indices into ``ws`` and ``gs``, in tuple order
-    flat: bool  #: 1-d contiguous views of one dtype, padded to :func:`padded_width`
+    pairs: tuple[int, ...]  #: indices into the call's pairs, in tuple order
+    flat: bool  #: 1-d contiguous views of one dtype each, padded to :func:`padded_width`
     chunks: object  #: int64 device array, a row per chunk (see ``CHUNK_COLUMNS``)
+    base: int  #: the group's first row of the scratch sums
 
 
 class Plan(NamedTuple):
@@ -474,7 +538,9 @@ class Plan(NamedTuple):
     """
 
     groups: tuple[Group, ...]
-    rows: int  #: scratch rows a group takes at most: its partial sums, then a total per slot
+    #: scratch rows of the groups: each group's partial sums, then a total per
+    #: slot, apart, so that every group's sums may be taken before any update
+    rows: int
     last_use: list  #: the event recorded after the plan's latest call, once it has had one
 
 
@@ -492,18 +558,19 @@ def _empty_array(device, dtype):
 
 
 def _make_plan(layout, masks: np.ndarray, stream) -> Plan:
-    """Group the pairs, ``layout[i] = (dtype, size, flat)``, and cut them into chunks.
+    """Group the pairs, ``layout[i] = (dtypes, size, flat)``, and cut them into chunks.
 
-    Flat pairs of one dtype go ``TUPLE_WIDTH`` to a group, in their order;
-    every other pair is a group of its own.
+    Flat pairs of the same dtypes go :func:`tuple_width` to a group, in
+    their order; every other pair is a group of its own.
     """
     flat = [pair for pair, entry in enumerate(layout) if entry[2]]
-    members = [
-        ([flat[i] for i in group], True)
-        for group in _layout.groups_by_dtype(
-            (layout[pair][0] for pair in flat), tunables.TUPLE_WIDTH
-        )
-    ]
+    members = []
+    for group in _layout.groups_by_dtype(layout[pair][0] for pair in flat):
+        width = tuple_width(len(layout[flat[group[0]]][0]))
+        members += [
+            ([flat[i] for i in group[start : start + width]], True)
+            for start in range(0, len(group), width)
+        ]
     members += [([pair], False) for pair, entry in enumerate(layout) if not entry[2]]
     tables = []
     for pairs, _ in members:
@@ -515,6 +582,7 @@ def _make_plan(layout, masks: np.ndarray, stream) -> Plan:
             ]
         )
     bounds = np.cumsum([0] + [len(table) for table in tables])
+    rows = np.cumsum([0] + [len(table) + tunables.TUPLE_WIDTH for table in tables])
     chunks = cuda.to_device(
         np.array([row for table in tables for row in table], np.int64).reshape(
             -1, len(CHUNK_COLUMNS)
@@ -523,10 +591,10 @@ def _make_plan(layout, masks: np.ndarray, stream) -> Plan:
     )
     return Plan(
         groups=tuple(
-            Group(tuple(pairs), is_flat, chunks[bounds[i] : bounds[i + 1]])
+            Group(tuple(pairs), is_flat, chunks[bounds[i] : bounds[i + 1]], int(rows[i]))
             for i, (pairs, is_flat) in enumerate(members)
         ),
-        rows=max(len(table) for table in tables) + tunables.TUPLE_WIDTH,
+        rows=int(rows[-1]),
         last_use=[],
     )
 
@@ -544,9 +612,18 @@ def _plan_for(key: tuple, layout, masks: np.ndarray, handle: int) -> Plan:
     return plan
 
 
-def padded_width(pairs: int) -> int:
-    """The width of the tuples of a flat group of ``pairs`` pairs: the next power of
-    two, at most ``TUPLE_WIDTH``.
+def tuple_width(arrays: int) -> int:
+    """The most pairs of ``arrays`` arrays a launch takes: ``TUPLE_WIDTH`` for two,
+    at most ``STEP_TUPLE_WIDTH`` for the momentum steps, whose update kernel takes
+    four tuples (see :data:`lars_numba.tunables.STEP_TUPLE_WIDTH`)."""
+    if arrays == 2:
+        return tunables.TUPLE_WIDTH
+    return min(tunables.TUPLE_WIDTH, tunables.STEP_TUPLE_WIDTH)
+
+
+def padded_width(pairs: int, arrays: int = 2) -> int:
+    """The width of the tuples of a flat group of ``pairs`` pairs of ``arrays``
+    arrays: the next power of two, at most :func:`tuple_width`.
 
     numba-cuda types and packs every array of a tuple at every launch (on
     stand-in device arrays, 420 us for a tuple of 24, 40 us for one of one;
@@ -554,7 +631,7 @@ def padded_width(pairs: int) -> int:
     ``scale`` tuples of one. It compiles the kernels once per width, so a few
     widths serve every group.
     """
-    return min(tunables.TUPLE_WIDTH, 1 << (pairs - 1).bit_length())
+    return min(tuple_width(arrays), 1 << (pairs - 1).bit_length())
 
 
 def reducing_launch(items: int, stream) -> tuple:
@@ -566,44 +643,64 @@ def reducing_launch(items: int, stream) -> tuple:
 # -- drivers -------------------------------------------------------------------
 
 
-def _views(ws, gs, device) -> tuple[list, list]:
-    """The pairs as the kernels take them, and their ``(dtype, size, flat)``.
+def _views(columns, device) -> tuple[list, list]:
+    """The pairs' arrays as the kernels take them, and their ``(dtypes, size, flat)``.
 
-    Flat pairs are 1-d views of unit stride (see :func:`lars_numba._layout.flat_views`);
-    a zero-size pair is the zero-size padding.
+    ``columns[i]`` holds the arrays of pair ``i``, of one shape. Flat pairs are
+    1-d views of unit stride (see :func:`lars_numba._layout.flat_views`); a
+    zero-size pair is the zero-size padding.
     """
     views = []
     layout = []
-    for w, g in zip(ws, gs, strict=True):
-        if w.size == 0:
-            w = g = _empty_array(device, w.dtype)
+    for arrays in columns:
+        if arrays[0].size == 0:
+            arrays = tuple(_empty_array(device, array.dtype) for array in arrays)
         else:
-            w, g = _layout.flat_views(w, g) or (w, g)
+            arrays = _layout.flat_views(*arrays) or arrays
         # Unit strides, not the contiguous flags: those also hold for one
         # element of stride 0, which Numba types with another layout. (The
         # zero-size padding has stride 0 and the contiguous layout.)
-        flat = w.ndim == 1 and (w.size == 0 or w.strides == g.strides == (w.dtype.itemsize,))
-        layout.append((w.dtype, w.size, flat))
-        views.append((w, g))
+        flat = arrays[0].ndim == 1 and (
+            arrays[0].size == 0 or all(array.strides == (array.dtype.itemsize,) for array in arrays)
+        )
+        layout.append((tuple(array.dtype for array in arrays), arrays[0].size, flat))
+        views.append(arrays)
     return views, layout
 
 
-def _launch(ws, gs, hyper, masks, rates, streams: Streams, update: bool):
+def _group_tuples(group: Group, views: list, device) -> list[tuple]:
+    """The group's arrays as the kernels take them: a tuple per array of a pair,
+    padded to :func:`padded_width` with zero-size arrays if the group is flat."""
+    tuples = [tuple(column) for column in zip(*(views[pair] for pair in group.pairs), strict=True)]
+    if group.flat:
+        padding = padded_width(len(group.pairs), len(tuples)) - len(group.pairs)
+        tuples = [array + (_empty_array(device, array[0].dtype),) * padding for array in tuples]
+    return tuples
+
+
+def _launch(
+    columns, hyper, masks, rates, streams: Streams, update: bool, skip=False, nonfinite=None
+):
     """Enqueue the sums and, if ``update``, the update of every pair; no synchronization.
 
-    The launch stream first waits for the arrays' other streams. Returns the
-    launch stream and, unless ``update``, a host array that the stream fills
-    with the first pair's totals.
+    ``columns[i]`` holds the arrays of pair ``i``: two for ``scale``, three
+    or four for a momentum step (see :data:`UPDATE_OF_ARITY`). The launch
+    stream first waits for the arrays' other streams. Every group's sums run
+    before any update if ``skip``, and the updates do nothing if a gradient
+    is not finite; ``nonfinite``, unless None, is the device flag that says
+    so, reset by the call. Returns the launch stream and, unless ``update``,
+    a host array that the stream fills with the first pair's totals.
     """
     device = cuda.get_current_device()
     with _lock:
-        views, layout = _views(ws, gs, device)
+        views, layout = _views(columns, device)
         stream = stream_key(streams.launch)
         key = (
             device,
             stream,
             tunables.GPU_CHUNK,
             tunables.TUPLE_WIDTH,
+            tunables.STEP_TUPLE_WIDTH,
             tuple(layout),
             masks.tobytes(),
         )
@@ -613,31 +710,51 @@ def _launch(ws, gs, hyper, masks, rates, streams: Streams, update: bool):
             produced = _new_event()
             produced.record(_numba_stream(handle))
             produced.wait(scratch.stream)
+        flag = scratch.nonfinite if nonfinite is None else nonfinite
+        if skip or nonfinite is not None:
+            flag.copy_to_device(_FINITE, stream=scratch.stream)
         stored = _empty_array(device, np.float64) if rates is None else rates
-        for group in plan.groups:
-            w_tuple = tuple(views[pair][0] for pair in group.pairs)
-            g_tuple = tuple(views[pair][1] for pair in group.pairs)
-            if group.flat:
-                padding = (_empty_array(device, w_tuple[0].dtype),) * (
-                    padded_width(len(group.pairs)) - len(group.pairs)
-                )
-                w_tuple += padding
-                g_tuple += padding
-            launch = reducing_launch(group.chunks.shape[0], scratch.stream)
-            sums_of_chunks[launch](
-                w_tuple, g_tuple, group.chunks, scratch.sums, scratch.ticket, hyper
+        groups = [
+            (
+                group,
+                _group_tuples(group, views, device),
+                reducing_launch(len(group.chunks), scratch.stream),
             )
-            if update:
-                UPDATE_KERNELS["scale"][launch[:3]](
-                    w_tuple, g_tuple, group.chunks, scratch.sums, hyper, stored
-                )
+            for group in plan.groups
+        ]
+        # With skip, every gradient's sums come before any update.
+        for sums, updates in ((True, False), (False, update)) if skip else ((True, update),):
+            for group, tuples, launch in groups:
+                if sums:
+                    sums_of_chunks[launch](
+                        *tuples[:2],
+                        group.chunks,
+                        scratch.sums,
+                        group.base,
+                        scratch.ticket,
+                        hyper,
+                        flag,
+                    )
+                if updates:
+                    kernel = UPDATE_KERNELS[UPDATE_OF_ARITY[len(tuples)]][launch[:3]]
+                    arguments = (group.chunks, scratch.sums, group.base, hyper, stored)
+                    if len(tuples) == 2:
+                        kernel(*tuples, *arguments)
+                    else:
+                        copies = tuples[3] if len(tuples) == 4 else tuples[0]
+                        kernel(*tuples[:3], copies, *arguments, flag, skip)
         totals = None
         if not update:
-            total_row = plan.groups[0].chunks.shape[0]
+            group = plan.groups[0]
+            total_row = group.base + group.chunks.shape[0]
             totals = scratch.sums[total_row].copy_to_host(stream=scratch.stream)
         scratch.event.record(scratch.stream)
         plan.last_use[:] = [scratch.event]
     return scratch.stream, totals
+
+
+#: A flag's value before the sums: every gradient finite.
+_FINITE = np.zeros(1, np.bool_)
 
 
 def scale(w, g, hyper, streams: Streams) -> None:
@@ -646,7 +763,7 @@ def scale(w, g, hyper, streams: Streams) -> None:
     ``w`` and ``g`` are validated device arrays of one shape and dtype.
     """
     if w.size:
-        _launch([w], [g], hyper, _ALL_RULES, None, streams, update=True)
+        _launch([(w, g)], hyper, _ALL_RULES, None, streams, update=True)
 
 
 #: The masks of a pair that gets the whole rule.
@@ -655,7 +772,7 @@ _ALL_RULES = np.ones((1, 2), np.uint8)
 
 def trust_ratio(w, g, hyper, streams: Streams) -> float:
     """The rate for two validated device arrays; waits for ``streams.launch``."""
-    stream, totals = _launch([w], [g], hyper, _ALL_RULES, None, streams, update=False)
+    stream, totals = _launch([(w, g)], hyper, _ALL_RULES, None, streams, update=False)
     stream.synchronize()
     return _rule.rate_from_sums(tuple(float(value) for value in totals), hyper)
 
@@ -670,9 +787,41 @@ def scale_all(ws, gs, hyper, masks: np.ndarray, rates, streams: Streams) -> None
 
     The chunk tables are copied to the device once per kind of call: they are
     cached under what they are made of (the device, the stream, each pair's
-    dtype, size and layout, the masks and the tunables), not under the
+    dtypes, size and layout, the masks and the tunables), not under the
     arrays' addresses nor the hyperparameters, so that gradients allocated
     afresh at every step and a changing weight decay reuse them.
     """
     if ws:
-        _launch(ws, gs, hyper, masks, rates, streams, update=True)
+        _launch(list(zip(ws, gs, strict=True)), hyper, masks, rates, streams, update=True)
+
+
+def momentum_step(
+    columns, hyper, masks: np.ndarray, rates, streams: Streams, skip: bool, nonfinite
+) -> None:
+    """Enqueue one momentum step of every pair on ``streams.launch``; no synchronization.
+
+    ``columns[i]`` is ``(w, g, v)``, or ``(master, g, v, w)`` where pair ``i``
+    has a float32 master, validated device arrays of one shape; ``masks`` and
+    ``rates`` as for :func:`scale_all`. With ``skip``, nothing is written if
+    a gradient is not finite. ``nonfinite``, unless None, is a bool device
+    array of one element that receives whether a gradient was not finite.
+    Two launches per group, as for :func:`scale_all`.
+    """
+    if columns:
+        _launch(columns, hyper, masks, rates, streams, True, skip, nonfinite)
+
+
+def device_bounds(array) -> tuple[int, int]:
+    """The byte range ``[low, high)`` of a device array's elements."""
+    if config.ENABLE_CUDASIM:  # the simulator's device arrays hold host arrays
+        array = array._ary
+        low = array.ctypes.data
+    else:
+        low = array.device_ctypes_pointer.value or 0
+    if array.size == 0:
+        return low, low
+    high = low + array.dtype.itemsize
+    for extent, stride in zip(array.shape, array.strides, strict=True):
+        reach = stride * (extent - 1)
+        low, high = (low + reach, high) if reach < 0 else (low, high + reach)
+    return low, high

@@ -68,6 +68,13 @@ GPU_CHUNK = 1 << 14
 #: 161 float32 arrays take 7 groups, 14 launches.
 TUPLE_WIDTH = 24
 
+#: Pairs per launch of a momentum step (:func:`lars_numba.momentum_step`), at
+#: most ``TUPLE_WIDTH``: its update kernel takes four tuples (the weights or
+#: their float32 masters, the gradients, the velocities, the float16 copies),
+#: which at 16 arrays each stay within the 4 KiB of kernel parameters;
+#: ResNet-50's 161 float32 arrays take 11 groups, 22 launches.
+STEP_TUPLE_WIDTH = 16
+
 #: Launch plans (chunk tables on the device) kept per process: a training loop
 #: makes one, more if it alternates between models; ResNet-50's takes 84 KB.
 PLANS_KEPT = 8

@@ -692,7 +692,7 @@ def test_resnet50_takes_at_most_16_launches(launches, monkeypatch):
 
 def test_resnet50_plan_cuts_every_array_into_chunks():
     # The shipped chunk size on ResNet-50's real sizes, without running a kernel.
-    layout = [(np.dtype(np.float32), math.prod(shape), True) for shape in RESNET50_SHAPES]
+    layout = [((np.dtype(np.float32),) * 2, math.prod(shape), True) for shape in RESNET50_SHAPES]
     plan = _cuda._make_plan(layout, np.ones((len(layout), 2), np.uint8), 0)
     assert len(plan.groups) == math.ceil(161 / tunables.TUPLE_WIDTH)
     chunks = np.concatenate([group.chunks.copy_to_host() for group in plan.groups])

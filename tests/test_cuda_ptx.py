@@ -30,15 +30,28 @@ COMPILE = textwrap.dedent(
     hyper = types.UniTuple(types.float64, len(_rule.HYPERPARAMETERS))
     chunks, sums = types.int64[:, ::1], types.float64[:, ::1]
     flat = types.UniTuple(types.float32[::1], tunables.TUPLE_WIDTH)
+    flag = types.boolean[::1]
     kernels = {
-        "sums": (_cuda.sums_of_chunks, (flat, flat, chunks, sums, types.uint32[::1], hyper)),
+        "sums": (
+            _cuda.sums_of_chunks,
+            (flat, flat, chunks, sums, types.int64, types.uint32[::1], hyper, flag),
+        ),
     }
     for ndim in (1, 2):
         strided = types.UniTuple(types.Array(types.float32, ndim, "A"), 1)
         kernels[f"update_{ndim}d"] = (
             _cuda.UPDATE_KERNELS["scale"],
-            (strided, strided, chunks, sums, hyper, types.float64[::1]),
+            (strided, strided, chunks, sums, types.int64, hyper, types.float64[::1]),
         )
+    single, half = (
+        types.UniTuple(types.Array(dtype, 1, "C"), tunables.STEP_TUPLE_WIDTH)
+        for dtype in (types.float32, types.float16)
+    )
+    kernels["step_master"] = (
+        _cuda.UPDATE_KERNELS["momentum_master"],
+        (single, half, single, half, chunks, sums, types.int64, hyper, types.float64[::1], flag,
+         types.boolean),
+    )
     for name, (kernel, signature) in kernels.items():
         ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))
         (out / f"{name}.ptx").write_text(ptx)
@@ -91,7 +104,7 @@ def test_the_last_block_fences_before_it_reads_the_other_blocks_rows(ptx):
     assert any(barrier < fence < first_read for fence in fences)
 
 
-@pytest.mark.parametrize("kernel", ["sums", "update_1d", "update_2d"])
+@pytest.mark.parametrize("kernel", ["sums", "update_1d", "update_2d", "step_master"])
 def test_the_kernels_keep_ieee_arithmetic(ptx, kernel):
     # No fastmath: no flush of subnormals to zero, no approximate division
     # or square root; the update's rate is divided and rooted to nearest.
@@ -113,3 +126,42 @@ def test_a_strided_element_is_unravelled_once_for_w_and_g(ptx):
         1,
         1,
     ]
+
+
+def test_the_float16_weights_of_a_master_are_rounded_once_from_float64(ptx):
+    # The master and the velocity are stored as float32; the float16 copy of
+    # the new weights is rounded from the same float64 value as the master
+    # (the loop may be unrolled), never through float32.
+    lines = ptx["step_master"]
+    halves = [re.findall(r"%fd\d+", lines[i])[0] for i in indices(lines, r"cvt\.rn\.f16\.f64")]
+    singles = [re.findall(r"%fd\d+", lines[i])[0] for i in indices(lines, r"cvt\.rn\.f32\.f64")]
+    assert halves and set(halves) <= set(singles)
+    assert len(singles) == 2 * len(halves)
+    assert indices(lines, r"cvt\.rn\.f16\.f32") == []
+
+
+def test_the_step_reads_the_flag_before_anything_else_it_reads_of_its_arrays(ptx):
+    # The skip is decided on the device: the flag's load precedes every other
+    # global load of the kernel.
+    lines = ptx["step_master"]
+    loads = indices(lines, r"ld\.global")
+    assert loads and re.match(r"ld\.global(\.[a-z]+)*\.u8", lines[loads[0]])
+
+
+def parameter_bytes(lines):
+    """The bytes of the kernel's parameters, from the ``.param`` declarations of its entry."""
+    total = 0
+    for line in lines:
+        declared = re.match(
+            r"\.param \.(?:align \d+ )?\.?([bsuf])(\d+) \S+?(?:\[(\d+)\])?,?$", line
+        )
+        if declared:
+            total += int(declared[2]) // 8 * int(declared[3] or 1)
+    return total
+
+
+@pytest.mark.parametrize("kernel", ["sums", "step_master"])
+def test_the_widest_launches_keep_within_4_kib_of_parameters(ptx, kernel):
+    # Every CUDA version takes 4 KiB of kernel parameters: the sums at
+    # TUPLE_WIDTH pairs of two arrays, the step at STEP_TUPLE_WIDTH of four.
+    assert 2000 < parameter_bytes(ptx[kernel]) <= 4096

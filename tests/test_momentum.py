@@ -927,13 +927,15 @@ def test_the_valid_call_of_the_bad_input_cases_steps():
     assert_stepped(befores, steps, args["rates"], {"lr": 0.1})
 
 
-def test_cuda_arrays_are_refused():
+def test_numpy_and_cuda_arrays_together_are_refused():
+    # CUDA arrays alone take the GPU engine (tests/test_cuda_momentum.py).
     from numba import cuda
 
-    w, g, v = (cuda.to_device(np.ones(4, np.float32)) for _ in range(3))
-    with pytest.raises(TypeError):
+    w, v = np.ones(4, np.float32), np.ones(4, np.float32)
+    g = cuda.to_device(np.ones(4, np.float32))
+    with pytest.raises(TypeError, match=r"ws\[0\] on the CPU and gs\[0\] on the GPU"):
         lars_numba.momentum_step([w], [g], [v], lr=0.1)
-    np.testing.assert_array_equal(w.copy_to_host(), np.ones(4, np.float32))
+    np.testing.assert_array_equal(w, np.ones(4, np.float32))
 
 
 @pytest.mark.parametrize("retyped", ["unpickled", "dtype with metadata"])

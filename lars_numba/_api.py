@@ -203,14 +203,7 @@ def scale_all(
         _scale_all_cpu(ws, gs, hyper, masks, rates, parallel)
         return
     # The name "rates" is unused when rates is None: zip stops at the arrays.
-    placed = list(zip(_layout.pair_names(len(ws), rates=True), arrays, strict=False))
-    cpu = next((name for name, array in placed if isinstance(array, np.ndarray)), None)
-    if cpu is not None:
-        gpu = next(name for name, array in placed if on_gpu(array))
-        raise TypeError(
-            "the arrays must all be NumPy arrays or all CUDA arrays; "
-            f"got {cpu} on the CPU and {gpu} on the GPU"
-        )
+    _refuse_both_kinds(list(zip(_layout.pair_names(len(ws), rates=True), arrays, strict=False)))
     gpu = _gpu_module()
     pairs = [
         _device_arrays(w, g, writes_g=True, names=(f"ws[{i}]", f"gs[{i}]"))
@@ -225,6 +218,18 @@ def scale_all(
         handles.append(rates_stream)
     streams = gpu.caller_streams(handles)
     gpu.scale_all([p[0] for p in pairs], [p[1] for p in pairs], hyper, masks, rates, streams)
+
+
+def _refuse_both_kinds(placed: list[tuple[str, object]]) -> None:
+    """Raise if the arrays of a call that has a CUDA array, ``(name, array)``, hold a
+    NumPy array too, naming one of each."""
+    cpu = next((name for name, array in placed if isinstance(array, np.ndarray)), None)
+    if cpu is not None:
+        gpu = next(name for name, array in placed if on_gpu(array))
+        raise TypeError(
+            "the arrays must all be NumPy arrays or all CUDA arrays; "
+            f"got {cpu} on the CPU and {gpu} on the GPU"
+        )
 
 
 def _array_sequence(name: str, value: object) -> list:
@@ -326,26 +331,12 @@ def momentum_step(
     """
     if clip:
         hyper = _rule.clipped_at_lr(hyper)
-    ws, gs, vs = (
-        _array_sequence(name, value)
-        for name, value in zip("ws gs vs".split(), (ws, gs, vs), strict=True)
-    )
-    masters = None if masters is None else _array_sequence("masters", masters)
-    arrays = [*ws, *gs, *vs, *(masters or ()), rates, nonfinite]
+    columns = _step_columns(ws, gs, vs, masters)
+    arrays = [*(a for column in columns.values() for a in column), rates, nonfinite]
     # NumPy arrays, the common case, are told apart without a Python call per array.
     if not set(map(type, arrays)) <= _HOST_TYPES and any(map(on_gpu, arrays)):
-        _momentum_step_gpu(
-            ws,
-            gs,
-            vs,
-            masters,
-            hyper,
-            weight_decay_mask,
-            trust_ratio_mask,
-            rates,
-            skip_nonfinite,
-            nonfinite,
-        )
+        masks = pair_masks(len(columns["ws"]), weight_decay_mask, trust_ratio_mask)
+        _momentum_step_gpu(columns, hyper, masks, rates, skip_nonfinite, nonfinite)
         return None
     if nonfinite is not None:
         raise TypeError(
@@ -353,7 +344,10 @@ def momentum_step(
             f"was taken; got {type(nonfinite).__name__}"
         )
     plan, gs, g_rows = momentum_plan(
-        ws, gs, vs, masters, weight_decay_mask, trust_ratio_mask, rates
+        *(columns.get(name) for name in ("ws", "gs", "vs", "masters")),
+        weight_decay_mask,
+        trust_ratio_mask,
+        rates,
     )
     taken = plan.run(gs, g_rows, hyper, skip_nonfinite, parallel)
     if taken and rates is not None:
@@ -375,20 +369,9 @@ def momentum_plan(
 
     Raises as :func:`lars_numba.momentum_step` does, before anything is written.
     """
-    columns = {"ws": _array_sequence("ws", ws)}
+    columns = _step_columns(ws, gs, vs, masters)
+    masters = columns.pop("masters", None)
     pairs = len(columns["ws"])
-    for name, value in (("gs", gs), ("vs", vs)):
-        columns[name] = _array_sequence(name, value)
-        if len(columns[name]) != pairs:
-            raise ValueError(
-                f"{name} must hold one array per array of ws, {pairs}; got {len(columns[name])}"
-            )
-    if masters is not None:
-        masters = _array_sequence("masters", masters)
-        if len(masters) != pairs:
-            raise ValueError(
-                f"masters must hold one entry per array of ws, {pairs}; got {len(masters)}"
-            )
     masks = pair_masks(pairs, weight_decay_mask, trust_ratio_mask)
     if rates is not None:
         _check_rates(rates, pairs)
@@ -435,47 +418,45 @@ def momentum_plan(
 _HOST_TYPES = {np.ndarray, type(None)}
 
 
+def _step_columns(ws: object, gs: object, vs: object, masters: object) -> dict[str, list]:
+    """The sequences of a :func:`momentum_step` call as lists, by name (``masters``
+    only if given), after checking that each has an entry per array of ``ws``."""
+    columns = {"ws": _array_sequence("ws", ws)}
+    pairs = len(columns["ws"])
+    for name, value in (("gs", gs), ("vs", vs), ("masters", masters)):
+        if value is None and name == "masters":
+            continue
+        columns[name] = _array_sequence(name, value)
+        if len(columns[name]) != pairs:
+            entry = "entry" if name == "masters" else "array"
+            raise ValueError(
+                f"{name} must hold one {entry} per array of ws, {pairs}; got {len(columns[name])}"
+            )
+    return columns
+
+
 def _momentum_step_gpu(
-    ws: list,
-    gs: list,
-    vs: list,
-    masters: list | None,
+    columns: dict[str, list],
     hyper: Hyperparameters,
-    weight_decay_mask: object,
-    trust_ratio_mask: object,
+    masks: np.ndarray,
     rates: object,
     skip_nonfinite: bool,
     nonfinite: object,
 ) -> None:
-    """:func:`momentum_step` of CUDA arrays: the checks of the NumPy path, then the
-    step enqueued on the caller's stream."""
-    pairs = len(ws)
-    for name, value in (("gs", gs), ("vs", vs), ("masters", masters)):
-        if value is not None and len(value) != pairs:
-            entries = "entry" if name == "masters" else "array"
-            raise ValueError(
-                f"{name} must hold one {entries} per array of ws, {pairs}; got {len(value)}"
-            )
-    masks = pair_masks(pairs, weight_decay_mask, trust_ratio_mask)
-    gpu = _gpu_module()
-    named = {"ws": ws, "gs": gs, "vs": vs}
-    if masters is not None:
-        named["masters"] = masters
+    """:func:`momentum_step` of CUDA arrays, ``columns`` as :func:`_step_columns`
+    gives them: the checks of the NumPy path, then the step enqueued on the
+    caller's stream."""
+    pairs = len(columns["ws"])
     placed = [
         (f"{name}[{i}]", array)
-        for name, arrays in named.items()
+        for name, arrays in columns.items()
         for i, array in enumerate(arrays)
         if array is not None
     ]
-    placed += [(name, array) for name, array in (("rates", rates), ("nonfinite", nonfinite))]
-    cpu = next((label for label, array in placed if isinstance(array, np.ndarray)), None)
-    if cpu is not None:
-        gpu_label = next(label for label, array in placed if on_gpu(array))
-        raise TypeError(
-            "the arrays must all be NumPy arrays or all CUDA arrays; "
-            f"got {cpu} on the CPU and {gpu_label} on the GPU"
-        )
-    devices, handles, labels = {}, [], []
+    placed += [("rates", rates), ("nonfinite", nonfinite)]
+    _refuse_both_kinds(placed)
+    gpu = _gpu_module()
+    handles, labels, devices = [], [], []
 
     def device_array(label: str, array: object, written: bool):
         if not on_gpu(array):
@@ -485,44 +466,45 @@ def _momentum_step_gpu(
             _refuse_read_only_interface(label, array)
         handles.append(stream)
         labels.append((label, written))
+        devices.append(device)
         return device
 
-    for name, arrays in named.items():
-        devices[name] = [
+    on_device = {
+        name: [
             None if array is None else device_array(f"{name}[{i}]", array, name != "gs")
             for i, array in enumerate(arrays)
         ]
-        for i, array in enumerate(devices[name]):
+        for name, arrays in columns.items()
+    }
+    for name, arrays in on_device.items():
+        for i, array in enumerate(arrays):
             if array is not None:
                 _check_array(f"{name}[{i}]", array)
-    for i, w in enumerate(devices["ws"]):
-        master = devices.get("masters", [None] * pairs)[i]
-        velocity = np.float32 if master is not None or w.dtype == np.float16 else w.dtype
-        expected = {
+    masters = on_device.get("masters", [None] * pairs)
+    for i, (w, master) in enumerate(zip(on_device["ws"], masters, strict=True)):
+        velocity = np.dtype(np.float32 if master is not None or w.dtype == np.float16 else w.dtype)
+        wanted = {
             "gs": (w.dtype, f"the dtype of ws[{i}], {w.dtype}"),
             "vs": (
-                np.dtype(velocity),
-                f"dtype {np.dtype(velocity)} for ws[{i}] of {w.dtype}"
+                velocity,
+                f"dtype {velocity} for ws[{i}] of {w.dtype}"
                 + (" with a master" if master is not None else ""),
             ),
             "masters": (np.dtype(np.float32), "dtype float32"),
         }
-        for name in named.keys() - {"ws"}:
-            array = devices[name][i]
+        for name, (dtype, description) in wanted.items():
+            array = on_device.get(name, masters)[i]
             if array is None:
                 continue
-            dtype, wanted = expected[name]
             if array.dtype != dtype:
-                raise TypeError(f"{name}[{i}] must have {wanted}; got {array.dtype}")
+                raise TypeError(f"{name}[{i}] must have {description}; got {array.dtype}")
             if array.shape != w.shape:
                 raise ValueError(
                     f"{name}[{i}] must have the shape of ws[{i}], {w.shape}; got {array.shape}"
                 )
-    extra = []
     if rates is not None:
         rates = device_array("rates", rates, True)
         _check_rates(rates, pairs)
-        extra.append(rates)
     if nonfinite is not None:
         nonfinite = device_array("nonfinite", nonfinite, True)
         if nonfinite.dtype != np.bool_ or nonfinite.shape != (1,):
@@ -530,10 +512,8 @@ def _momentum_step_gpu(
                 "nonfinite must be a bool CUDA array of shape (1,); "
                 f"got {nonfinite.dtype} of shape {nonfinite.shape}"
             )
-        extra.append(nonfinite)
-    every = [array for arrays in devices.values() for array in arrays if array is not None]
-    bounds = np.array([gpu.device_bounds(array) for array in (*every, *extra)], np.int64)
-    written = np.array([is_written for _, is_written in labels])
+    bounds = np.array([gpu.device_bounds(array) for array in devices], np.int64).reshape(-1, 2)
+    written = np.array([is_written for _, is_written in labels], bool)
     first, second = _layout.first_overlap(
         bounds[:, 0], bounds[:, 1], np.arange(len(bounds)), written
     )
@@ -542,15 +522,15 @@ def _momentum_step_gpu(
             f"{labels[min(first, second)][0]} and {labels[max(first, second)][0]} overlap in "
             "memory; an array that is written must not overlap any other array of the call"
         )
-    masters_of = devices.get("masters", [None] * pairs)
-    columns = [
+    steps = [
         (w, g, v) if master is None else (master, g, v, w)
         for w, g, v, master in zip(
-            devices["ws"], devices["gs"], devices["vs"], masters_of, strict=True
+            on_device["ws"], on_device["gs"], on_device["vs"], masters, strict=True
         )
     ]
-    streams = gpu.caller_streams(handles)
-    gpu.momentum_step(columns, hyper, masks, rates, streams, skip_nonfinite, nonfinite)
+    gpu.momentum_step(
+        steps, hyper, masks, rates, gpu.caller_streams(handles), skip_nonfinite, nonfinite
+    )
 
 
 class MomentumPlan:

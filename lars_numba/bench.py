@@ -494,6 +494,10 @@ def step_candidates(shapes, dtype=np.float32) -> tuple[dict[str, Callable[[], ob
 
     candidates = {
         "LARS": update_of(lars_chainer.LARS(lr=STEP_LR, weight_decay=WEIGHT_DECAY)),
+        # What a user gets by asking for Numba's threads; Chainer's steps have none.
+        "LARS_parallel": update_of(
+            lars_chainer.LARS(lr=STEP_LR, weight_decay=WEIGHT_DECAY, parallel=True)
+        ),
         "MomentumSGD": update_of(momentum_sgd()),
     }
     if dtype == np.float32:
@@ -754,8 +758,9 @@ def main(argv: list[str] | None = None) -> None:
     if steps:
         print(
             f"\nthe whole step, optimizer.update() with gradients, lr={STEP_LR}, "
-            f"weight_decay={WEIGHT_DECAY}, on 1 thread: milliseconds (medians), and ratios to "
-            "the floor of a fused step's 7 passes at the bandwidth of the same rounds"
+            f"weight_decay={WEIGHT_DECAY}, on 1 thread (LARS_parallel: on "
+            f"{numba.get_num_threads()}): milliseconds (medians), and ratios to the floor of a "
+            "fused step's 7 passes at the bandwidth of 1 thread in the same rounds"
         )
         for name, dtype, times, bandwidth in steps:
             names = [n for n in times if n != "floor"]

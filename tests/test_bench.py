@@ -68,8 +68,8 @@ def test_the_step_table_times_every_optimizer_against_the_floor(capsys):
     bench.main(["--sizes", "64", "--rounds", "1", "--models", "1000 x 16"])
     lines = capsys.readouterr().out.splitlines()
     start = lines.index(next(line for line in lines if line.startswith("float32 1000 x 16")))
-    rows = {line.split()[0]: line.split()[1:] for line in lines[start + 1 : start + 5]}
-    assert set(rows) == {"LARS", "MomentumSGD", "+chainer_hook", "+fused_hook"}
+    rows = {line.split()[0]: line.split()[1:] for line in lines[start + 1 : start + 6]}
+    assert set(rows) == {"LARS", "LARS_parallel", "MomentumSGD", "+chainer_hook", "+fused_hook"}
     lars_ms = float(rows["LARS"][0])
     for ms, _, to_floor, _, to_lars, _ in rows.values():
         assert float(ms) > 0 and float(to_floor.rstrip("x")) > 0

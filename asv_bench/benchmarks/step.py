@@ -32,6 +32,9 @@ class OptimizerStep:
     def time_lars(self, model):
         self.calls["LARS"]()
 
+    def time_lars_parallel(self, model):
+        self._candidate("LARS_parallel")()
+
     def time_momentum_sgd(self, model):
         self.calls["MomentumSGD"]()
 

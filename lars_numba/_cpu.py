@@ -325,18 +325,31 @@ def vector_lanes(typingctx, w, g, weight_decay, grad_scale, count):
             for _ in range(sums)
         ]
         blocks = builder.sdiv(size, ir.Constant(size.type, LANES))
-        with cgutils.for_range(builder, blocks) as loop:
-            start = builder.mul(loop.index, ir.Constant(size.type, LANES))
-            w_lanes = block(signature.args[0], args[0], start)
-            g_lanes = builder.fmul(scale, block(signature.args[1], args[1], start))
-            update = builder.fadd(g_lanes, builder.fmul(decay, w_lanes))
-            terms = (
-                builder.fmul(w_lanes, w_lanes),
-                builder.fmul(g_lanes, g_lanes),
-                builder.fmul(update, update),
-            )
-            for total, term in zip(totals, terms, strict=False):
-                builder.store(builder.fadd(builder.load(total), term), total)
+
+        def loop_over_blocks(scaled: bool) -> None:
+            with cgutils.for_range(builder, blocks) as loop:
+                start = builder.mul(loop.index, ir.Constant(size.type, LANES))
+                w_lanes = block(signature.args[0], args[0], start)
+                g_lanes = block(signature.args[1], args[1], start)
+                if scaled:
+                    g_lanes = builder.fmul(scale, g_lanes)
+                update = builder.fadd(g_lanes, builder.fmul(decay, w_lanes))
+                terms = (
+                    builder.fmul(w_lanes, w_lanes),
+                    builder.fmul(g_lanes, g_lanes),
+                    builder.fmul(update, update),
+                )
+                for total, term in zip(totals, terms, strict=False):
+                    builder.store(builder.fadd(builder.load(total), term), total)
+
+        # A gradient scale of 1 leaves every product as it is: the loop without
+        # that multiply gives the same bits with one operation less an element.
+        unscaled = builder.fcmp_ordered("==", args[3], ir.Constant(ir.DoubleType(), 1.0))
+        with builder.if_else(unscaled) as (without_scale, with_scale):
+            with without_scale:
+                loop_over_blocks(scaled=False)
+            with with_scale:
+                loop_over_blocks(scaled=True)
         values = [
             builder.extract_element(builder.load(total), ir.Constant(ir.IntType(32), lane))
             for total in totals

@@ -700,9 +700,9 @@ def _launch(
             stream,
             tunables.GPU_CHUNK,
             tunables.TUPLE_WIDTH,
-            tunables.STEP_TUPLE_WIDTH,
             tuple(layout),
             masks.tobytes(),
+            tunables.STEP_TUPLE_WIDTH,
         )
         plan = _plan_for(key, layout, masks, streams.launch)
         scratch = _scratch_for(device, streams.launch, stream, plan.rows)

@@ -469,12 +469,14 @@ def _momentum_step_gpu(
         devices.append(device)
         return device
 
+    # The gradients' streams first: as for scale_all, the launch stream is the
+    # first stream named, unless CuPy's current stream is (see caller_streams).
     on_device = {
         name: [
             None if array is None else device_array(f"{name}[{i}]", array, name != "gs")
-            for i, array in enumerate(arrays)
+            for i, array in enumerate(columns[name])
         ]
-        for name, arrays in columns.items()
+        for name in sorted(columns, key=lambda name: name != "gs")
     }
     for name, arrays in on_device.items():
         for i, array in enumerate(arrays):

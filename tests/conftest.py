@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +11,72 @@ import pytest
 # switch has to be set before numba.cuda is first imported, hence here.
 if shutil.which("nvidia-smi") is None and not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+
+# -- CUDA arrays that are not Numba's, and the GPU engine's scratch ------------------
+
+
+def _simulator() -> bool:
+    from numba.cuda.core import config
+
+    return bool(config.ENABLE_CUDASIM)
+
+
+class Foreign:
+    """A non-Numba CUDA array: only ``__cuda_array_interface__`` (version 3).
+
+    It wraps a Numba device array, as numba-cuda's own tests fake a foreign
+    array. The simulator's arrays have no interface, so there it describes the
+    wrapped array with a null pointer and ``as_device_array`` is patched to
+    unwrap it.
+    """
+
+    def __init__(self, array, stream=None, readonly=False):
+        self.array, self.stream, self.readonly = array, stream, readonly
+
+    @property
+    def __cuda_array_interface__(self):
+        if _simulator():
+            interface = {
+                "shape": self.array.shape,
+                "typestr": self.array.dtype.str,
+                "data": (0, False),
+                "strides": None,
+                "version": 3,
+            }
+        else:
+            interface = dict(self.array.__cuda_array_interface__)
+        interface["data"] = (interface["data"][0], self.readonly)
+        interface["stream"] = self.stream
+        return interface
+
+
+@pytest.fixture
+def foreign(monkeypatch):
+    """Make Foreign arrays, with their conversion faked on the simulator."""
+    from lars_numba import _cuda
+
+    if _simulator():
+        original = _cuda.as_device_array
+        monkeypatch.setattr(
+            _cuda,
+            "as_device_array",
+            lambda a: (a.array, a.stream) if isinstance(a, Foreign) else original(a),
+        )
+    return Foreign
+
+
+@pytest.fixture
+def scratch_handles(monkeypatch):
+    """A fresh scratch cache and no CuPy; returns the handles that have scratch."""
+    from lars_numba import _cuda
+
+    monkeypatch.setattr(_cuda, "_scratch", _cuda.OrderedDict())
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    return lambda: sorted(handle for _, handle, _ in _cuda._scratch)
+
+
+# -- the oracles ---------------------------------------------------------------------
 
 
 def lars_oracle(w, g, threshold=1e-2, weight_decay=0.0, eps=1e-9):

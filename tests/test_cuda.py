@@ -260,56 +260,6 @@ def test_device_arrays_are_accepted_by_the_hook_s_test():
 # -- foreign arrays, streams and scratch ---------------------------------------
 
 
-class Foreign:
-    """A non-Numba CUDA array: only ``__cuda_array_interface__`` (version 3).
-
-    It wraps a Numba device array, as numba-cuda's own tests fake a foreign
-    array. The simulator's arrays have no interface, so there it describes the
-    wrapped array with a null pointer and ``as_device_array`` is patched to
-    unwrap it.
-    """
-
-    def __init__(self, array, stream=None, readonly=False):
-        self.array, self.stream, self.readonly = array, stream, readonly
-
-    @property
-    def __cuda_array_interface__(self):
-        if SIMULATOR:
-            interface = {
-                "shape": self.array.shape,
-                "typestr": self.array.dtype.str,
-                "data": (0, False),
-                "strides": None,
-                "version": 3,
-            }
-        else:
-            interface = dict(self.array.__cuda_array_interface__)
-        interface["data"] = (interface["data"][0], self.readonly)
-        interface["stream"] = self.stream
-        return interface
-
-
-@pytest.fixture
-def foreign(monkeypatch):
-    """Make Foreign arrays, with their conversion faked on the simulator."""
-    if SIMULATOR:
-        original = _cuda.as_device_array
-        monkeypatch.setattr(
-            _cuda,
-            "as_device_array",
-            lambda a: (a.array, a.stream) if isinstance(a, Foreign) else original(a),
-        )
-    return Foreign
-
-
-@pytest.fixture
-def scratch_handles(monkeypatch):
-    """A fresh scratch cache and no CuPy; returns the handles that have scratch."""
-    monkeypatch.setattr(_cuda, "_scratch", _cuda.OrderedDict())
-    monkeypatch.delitem(sys.modules, "cupy", raising=False)
-    return lambda: sorted(handle for _, handle, _ in _cuda._scratch)
-
-
 @pytest.fixture
 def caller_stream(monkeypatch):
     """A stream of the caller's and its handle, as an interface would give it."""

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 from numba import cuda
-from test_cuda import set_grid, spy_on_kernels
+from test_cuda import StreamLog, set_grid, spy_on_kernels
 from test_momentum import Step, assert_stepped, new_step
 
 import lars_numba
@@ -317,3 +317,51 @@ def test_a_resnet50_step_takes_two_launches_per_16_pairs(monkeypatch):
     lars_numba.momentum_step(ws, gs, vs, lr=0.1)
     assert tunables.STEP_TUPLE_WIDTH == 16
     assert len(seen) == 2 * math.ceil(161 / 16) == 22
+
+
+def test_the_step_waits_for_the_stream_of_every_array_and_runs_on_the_gradients(
+    foreign, scratch_handles, monkeypatch
+):
+    log = StreamLog(monkeypatch)
+    arrays = [cuda.to_device(np.full(4, float(i < 4), np.float32)) for i in range(6)]
+    ws = [foreign(arrays[0], 7), foreign(arrays[1])]
+    gs = [foreign(arrays[2], 9), foreign(arrays[3], 7)]
+    vs = [foreign(arrays[4], 5), foreign(arrays[5])]
+    rates = foreign(cuda.to_device(np.zeros(2)), 11)
+    flag = foreign(cuda.to_device(np.zeros(1, np.bool_)), 13)
+    lars_numba.momentum_step(ws, gs, vs, lr=0.1, rates=rates, nonfinite=flag, skip_nonfinite=True)
+    first = next(i for i, entry in enumerate(log.entries) if entry[0] == "launch")
+    # gs[0]'s stream, 9, is the launch stream; it waits once for each other one.
+    assert log.entries[:first] == [
+        ("record", 7),
+        ("wait", 9),
+        ("record", 5),
+        ("wait", 9),
+        ("record", 11),
+        ("wait", 9),
+        ("record", 13),
+        ("wait", 9),
+    ]
+    assert {entry for entry in log.entries[first:] if entry[0] == "launch"} == {("launch", 9)}
+    np.testing.assert_array_less(arrays[0].copy_to_host(), 1.0)  # stepped
+
+
+@pytest.mark.parametrize("name", ["ws", "vs", "rates", "nonfinite"])
+def test_a_read_only_written_array_is_refused(name, foreign):
+    arrays = {
+        key: [foreign(cuda.to_device(np.ones(3, np.float32)), readonly=key == name)]
+        for key in ("ws", "gs", "vs")
+    }
+    rates = foreign(cuda.to_device(np.zeros(1)), readonly=name == "rates")
+    flag = foreign(cuda.to_device(np.zeros(1, np.bool_)), readonly=name == "nonfinite")
+    with pytest.raises(ValueError, match=rf"{name}(\[0\])? must be writeable"):
+        lars_numba.momentum_step(
+            arrays["ws"], arrays["gs"], arrays["vs"], lr=0.1, rates=rates, nonfinite=flag
+        )
+    np.testing.assert_array_equal(arrays["ws"][0].array.copy_to_host(), np.ones(3))
+
+
+def test_a_read_only_gradient_is_accepted(foreign):
+    w, g, v = (cuda.to_device(np.full(3, value, np.float32)) for value in (1.0, 1.0, 0.0))
+    lars_numba.momentum_step([w], [foreign(g, readonly=True)], [v], lr=0.1)
+    np.testing.assert_array_less(w.copy_to_host(), 1.0)

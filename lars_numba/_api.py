@@ -343,12 +343,7 @@ def momentum_step(
             "nonfinite must be None with NumPy arrays, whose call returns whether the step "
             f"was taken; got {type(nonfinite).__name__}"
         )
-    plan, gs, g_rows = momentum_plan(
-        *(columns.get(name) for name in ("ws", "gs", "vs", "masters")),
-        weight_decay_mask,
-        trust_ratio_mask,
-        rates,
-    )
+    plan, gs, g_rows = _plan_of_columns(columns, weight_decay_mask, trust_ratio_mask, rates)
     taken = plan.run(gs, g_rows, hyper, skip_nonfinite, parallel)
     if taken and rates is not None:
         rates[...] = plan.rates
@@ -370,6 +365,13 @@ def momentum_plan(
     Raises as :func:`lars_numba.momentum_step` does, before anything is written.
     """
     columns = _step_columns(ws, gs, vs, masters)
+    return _plan_of_columns(columns, weight_decay_mask, trust_ratio_mask, rates)
+
+
+def _plan_of_columns(
+    columns: dict[str, list], weight_decay_mask: object, trust_ratio_mask: object, rates: object
+) -> tuple[MomentumPlan, list, np.ndarray]:
+    """:func:`momentum_plan` of the lists that :func:`_step_columns` made (it takes them)."""
     masters = columns.pop("masters", None)
     pairs = len(columns["ws"])
     masks = pair_masks(pairs, weight_decay_mask, trust_ratio_mask)
@@ -495,7 +497,7 @@ def _momentum_step_gpu(
             "masters": (np.dtype(np.float32), "dtype float32"),
         }
         for name, (dtype, description) in wanted.items():
-            array = on_device.get(name, masters)[i]
+            array = masters[i] if name == "masters" else on_device[name][i]
             if array is None:
                 continue
             if array.dtype != dtype:

@@ -31,7 +31,7 @@ import numba
 import numpy as np
 
 import lars_numba
-from lars_numba import bench
+from lars_numba import bench, harness
 
 DOCS = Path(__file__).resolve().parent
 LABELS = {
@@ -122,7 +122,7 @@ def write_results(rows, hooks, models, loads, path: Path) -> None:
         f"{bench.bandwidth_range(rows, threads)} on {threads}. "
         f"One-minute load average {loads[0]:.1f} before the run and {loads[1]:.1f} after it "
         "(other processes share the machine). NumPy's BLAS on one thread "
-        "(``lars_numba.bench.single_threaded_blas``).",
+        "(``lars_numba.harness.single_threaded_blas``).",
         "",
         "``scale(w, g, weight_decay=1e-4)`` on float32 arrays of N elements, median "
         "microseconds per call:",
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=7, help="samples per candidate")
     args = parser.parse_args(argv)
 
-    bench.single_threaded_blas()
+    harness.single_threaded_blas()
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as cache_dir:
         cold = bench.first_call_seconds(cache_dir)

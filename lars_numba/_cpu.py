@@ -58,9 +58,9 @@ def _load_tbb() -> None:
     Numba tries TBB first, but the ``tbb`` wheel puts ``libtbb.so.12`` in the
     environment's ``lib/``, off the loader's path. TBB's work-stealing pool
     lets the calling thread do a parallel loop's work when the other cores are
-    busy; OpenMP's waits for every worker to be scheduled (1.5 to 10 times
-    slower than serial, measured beside a busy process on 2 cores). A layer
-    the user chose is left alone.
+    busy; OpenMP's waits for every worker to be scheduled, and falls far
+    behind the serial kernel beside a busy process (:doc:`/performance`,
+    "Measurements behind the design"). A layer the user chose is left alone.
     """
     if config.THREADING_LAYER not in ("default", "tbb") or not sys.platform.startswith("linux"):
         return
@@ -183,8 +183,7 @@ masked = njit(inline="always", **OPTIONS)(_rule.masked)
 
 #: The update loops reduce nothing, so they need no ``reassoc``; with it, LLVM
 #: rewrites ``weight_decay / grad_scale * w`` as ``weight_decay * w / grad_scale``,
-#: a division per element where the loop-invariant quotient was hoisted
-#: (float32's update pass took twice as long, float16's a quarter longer).
+#: a division per element where the loop-invariant quotient was hoisted.
 ELEMENTWISE_OPTIONS = {**OPTIONS, "fastmath": {"contract"}}
 
 #: The updates, compiled, in the order of ``_rule.UPDATES``.
@@ -287,8 +286,8 @@ def vector_lanes(typingctx, w, g, weight_decay, grad_scale, count):
 
     The loop of ``_scalar_lanes`` written with LLVM's vector types, which
     Numba's loops do not reach without ``reassoc``: the same operations in the
-    same order (the terms as ``_rule.norm_terms`` writes them), about three
-    times faster (15 against 50 us for a chunk of 65 536 float32 pairs).
+    same order (the terms as ``_rule.norm_terms`` writes them), several times
+    faster (:doc:`/performance`, "Measurements behind the design").
     """
     if not isinstance(count, types.IntegerLiteral):
         return None  # Numba asks again with the constant's value
@@ -371,7 +370,7 @@ def _scalar_lanes(count: int):
         "def scalar_lanes(hyper, w, g):",
         f"    {' = '.join(lanes)} = 0.0",
         # From 0 and on slices: an index LLVM cannot prove non-negative keeps
-        # the wrap-around of negative indices in the loop (5 times slower).
+        # the wrap-around of negative indices in the loop, which is much slower.
         f"    for block in range(w.shape[0] // {LANES}):",
         f"        start = block * {LANES}",
     ]

@@ -625,9 +625,9 @@ def padded_width(pairs: int, arrays: int = 2) -> int:
     """The width of the tuples of a flat group of ``pairs`` pairs of ``arrays``
     arrays: the next power of two, at most :func:`tuple_width`.
 
-    numba-cuda types and packs every array of a tuple at every launch (on
-    stand-in device arrays, 420 us for a tuple of 24, 40 us for one of one;
-    see :doc:`/gpu`), so a group takes tuples no wider than it needs:
+    numba-cuda types and packs every array of a tuple at every launch, at a
+    cost that grows with the width (:doc:`/gpu`), so a group takes tuples no
+    wider than it needs:
     ``scale`` tuples of one. It compiles the kernels once per width, so a few
     widths serve every group.
     """

@@ -100,9 +100,9 @@ def pair_layout(w, g):
 
 # -- many plain pairs in one call -----------------------------------------------
 #
-# A Python attribute read costs about 100 ns, and an array's address 1.5 us
-# (``ctypes.data``): per pair, more than the whole kernel spends on a small
-# one. So the layouts of plain NumPy arrays (exactly ``numpy.ndarray``, one of
+# Python's attribute reads, and an array's address above all
+# (``ctypes.data``), cost more per pair than the whole kernel spends on a
+# small one. So the layouts of plain NumPy arrays (exactly ``numpy.ndarray``, one of
 # the three float dtypes in native byte order) are read in one compiled call
 # from the arrays' objects, at the addresses ``id`` gives, through the fields
 # of ``PyArrayObject_fields`` that NumPy's C API has laid out alike since

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 #: The hyperparameters of the rule, in the order of the plain tuple every
 #: kernel receives (a plain tuple of floats: Numba takes a named tuple argument
-#: about 0.5 us slower per call). ``denominator`` is 0.0 for ``"sum"`` and 1.0
+#: more slowly). ``denominator`` is 0.0 for ``"sum"`` and 1.0
 #: for ``"update"``; ``clip_lr`` is 0.0 for no clipping. The last three are
 #: the momentum step's (:func:`momentum_step`): the factor every gradient is
 #: multiplied by first (the inverse of a loss scale), the learning rate and

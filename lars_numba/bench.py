@@ -1,9 +1,11 @@
-"""The side-by-side benchmark table: ``python -m lars_numba.bench``.
+"""The side-by-side benchmark table: ``python -m lars_numba bench``.
 
 Every row is measured in one run, the candidates interleaved round by round,
 so that a noisy neighbour slows them all alike; the table shows the median
 time per call and the ratios between candidates. Chainer's hook is a
-candidate only where chainer is installed.
+candidate only where chainer is installed. The timing, the bandwidth floor,
+the peers and the table's layout are :mod:`lars_numba.harness`'s, which the
+asv suite shares.
 
 The floor is the time to move the bytes the update must move, five passes
 of ``N * itemsize`` (read ``w`` and ``g`` for the norms, read them again and
@@ -17,150 +19,39 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from operator import truediv
 
 import numba
 import numpy as np
-from numba import njit, prange
 
 import lars_numba
 
 from . import tunables
+from .harness import (
+    STEP_LR,
+    WEIGHT_DECAY,
+    chainer_hook_call,
+    format_table,
+    hook_candidates,
+    interleaved,
+    median_and_p90,
+    model_with_grads,
+    numpy_lars,
+    pop_bandwidth,
+    scale_of,
+    seconds,
+    single_threaded_blas,
+    step_candidates,
+    stream_candidates,
+    take_turns,
+)
 
 SIZES = (64, 1_000, 10_000, 100_000, 1_000_000, 10_000_000, 50_000_000)
-WEIGHT_DECAY = 1e-4
-
-
-def _triad(a, b, c, s):
-    for i in prange(a.shape[0]):
-        a[i] = b[i] + s * c[i]
-
-
-def _add_scaled(a, b, c, s):
-    # Reads a and b and writes a back, the update's own pattern: unlike the
-    # triad's store to a, this one needs no read-for-ownership of a.
-    for i in prange(a.shape[0]):
-        a[i] += s * b[i]
-
-
-# prange is range in the serial compilations.
-_STREAM_KERNELS = {
-    parallel: [njit(parallel=parallel, nogil=True)(kernel) for kernel in (_triad, _add_scaled)]
-    for parallel in (False, True)
-}
-
-
-#: Elements of the stream kernels' arrays: 128 MiB each, far past any cache.
-STREAM_SIZE = 1 << 25
-
-
-@functools.cache
-def _stream_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return tuple(np.full(STREAM_SIZE, value, dtype=np.float32) for value in (0.0, 1.0, 2.0))
-
-
-def stream_candidates(parallel: bool) -> dict[str, Callable[[], object]]:
-    """A triad and an in-place add over arrays far larger than the cache.
-
-    Timed among the candidates, in the same rounds, they give the bandwidth
-    of the moments the candidates ran in: this machine's bandwidth on two
-    threads moves between about 55 and 85 GB/s from one minute to the next.
-    """
-    a, b, c = _stream_arrays()
-    return {
-        f"stream {kernel.__name__}": functools.partial(kernel, a, b, c, 3.0)
-        for kernel in _STREAM_KERNELS[parallel]
-    }
-
-
-def pop_bandwidth(times: dict[str, float]) -> float:
-    """The best bandwidth of the stream kernels in ``times``, which are removed from it.
-
-    Both count three passes over the arrays, as STREAM does.
-    """
-    names = [name for name in times if name.startswith("stream ")]
-    fastest = min(times.pop(name) for name in names)
-    return 3 * STREAM_SIZE * np.dtype(np.float32).itemsize / fastest
-
-
-def stream_bandwidth(parallel: bool, repeats: int = 10) -> float:
-    """The best bandwidth in bytes per second of the stream kernels, on their own."""
-    calls = stream_candidates(parallel)
-    for call in calls.values():
-        call()
-    return pop_bandwidth(
-        {name: min(_seconds(call) for _ in range(repeats)) for name, call in calls.items()}
-    )
-
-
-def single_threaded_blas() -> bool:
-    """Keep NumPy's BLAS to one thread for the rest of the process, where threadpoolctl is.
-
-    OpenBLAS's threads spin on the cores for a while after each call, so in
-    interleaved rounds a parallel kernel that follows NumPy's or Chainer's
-    norms waits for them (``scale`` at 1e6 elements here: 323 us against 175
-    us). The peers lose nothing: their norms are bound by memory, not threads.
-    Returns whether the limit is in place.
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return False
-    threadpool_limits(1, user_api="blas")
-    return True
-
-
-def _seconds(call: Callable[[], object], calls: int = 1) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        call()
-    return (time.perf_counter() - start) / calls
-
-
-def _calls_per_sample(call: Callable[[], object], target: float = 0.02) -> int:
-    """How many calls fill about ``target`` seconds, so timer resolution does not matter."""
-    call()  # the first call may compile, or load from Numba's cache
-    calls = 1
-    while (total := _seconds(call, calls) * calls) < target / 10 and calls < 100_000:
-        calls *= 10
-    return max(1, round(calls * target / total))
-
-
-def interleaved(candidates: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median seconds per call of each candidate, timed in turn each round."""
-    calls = {name: _calls_per_sample(call) for name, call in candidates.items()}
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, call in candidates.items():
-            samples[name].append(_seconds(call, calls[name]))
-    return {name: statistics.median(times) for name, times in samples.items()}
-
-
-def numpy_lars(w: np.ndarray, g: np.ndarray, threshold=1e-2, weight_decay=0.0, eps=1e-9) -> None:
-    """The rule in plain NumPy, as Chainer computes it without its own overhead."""
-    w_norm = np.linalg.norm(w)
-    g_norm = np.linalg.norm(g)
-    local_rate = w_norm / (eps + g_norm + weight_decay * w_norm)
-    rate = np.where(w_norm > threshold, local_rate, 1.0)
-    g += weight_decay * w
-    g *= rate
-
-
-def chainer_hook_call(w: np.ndarray, g: np.ndarray) -> Callable[[], object] | None:
-    """A call of Chainer's own hook on a parameter holding ``w`` and ``g``, if chainer imports."""
-    try:
-        import chainer
-    except ImportError:
-        return None
-    param = chainer.Parameter(w)
-    param.grad = g
-    hook = chainer.optimizer_hooks.GradientLARS(weight_decay=WEIGHT_DECAY)
-    return lambda: hook(None, param)
 
 
 def scale_rows(sizes, rounds: int) -> list[dict[str, float]]:
@@ -205,38 +96,29 @@ def random_pair(size: int) -> tuple[np.ndarray, np.ndarray]:
 def scale_candidates(w: np.ndarray, g: np.ndarray) -> dict[str, Callable[[], object]]:
     """The implementations compared on one parameter, Chainer's hook first if it imports."""
     candidates = {
-        "numpy": functools.partial(numpy_lars, w, g, weight_decay=WEIGHT_DECAY),
-        "lars_numba": functools.partial(lars_numba.scale, w, g, weight_decay=WEIGHT_DECAY),
+        "numpy": lambda: numpy_lars(w, g, weight_decay=WEIGHT_DECAY),
+        "lars_numba": scale_of(w, g),
     }
     chainer_call = chainer_hook_call(w, g)
     return candidates if chainer_call is None else {"chainer": chainer_call, **candidates}
 
 
-def _format_table(rows: list[dict[str, float]]) -> str:
-    has_chainer = "chainer" in rows[0]
-    header = f"{'N':>10} {'thr':>3}"
-    if has_chainer:
-        header += f" {'chainer us':>11}"
-    header += f" {'numpy us':>10} {'lars us':>9} {'floor us':>9}"
-    if has_chainer:
-        header += f" {'chainer/lars':>12}"
-    header += f" {'numpy/lars':>10} {'lars/floor':>10}"
-    lines = [header]
-    for row in rows:
-        line = f"{row['N']:>10} {row['threads']:>3}"
-        if has_chainer:
-            line += f" {row['chainer'] * 1e6:>11.2f}"
-        line += (
-            f" {row['numpy'] * 1e6:>10.2f} {row['lars_numba'] * 1e6:>9.2f}"
-            f" {row['floor'] * 1e6:>9.2f}"
-        )
-        if has_chainer:
-            line += f" {row['chainer'] / row['lars_numba']:>12.2f}"
-        line += (
-            f" {row['numpy'] / row['lars_numba']:>10.2f} {row['lars_numba'] / row['floor']:>10.2f}"
-        )
-        lines.append(line)
-    return "\n".join(lines)
+def scale_table(rows: list[dict[str, float]]) -> str:
+    """The table of :func:`scale_rows`: microseconds per call and ratios."""
+    peers = ["chainer", "numpy"] if "chainer" in rows[0] else ["numpy"]
+    header = ["N", "thr", *(f"{peer} us" for peer in peers), "lars us", "floor us"]
+    header += [*(f"{peer}/lars" for peer in peers), "lars/floor"]
+    table = [
+        [
+            row["N"],
+            row["threads"],
+            *(row[name] * 1e6 for name in [*peers, "lars_numba", "floor"]),
+            *(row[peer] / row["lars_numba"] for peer in peers),
+            row["lars_numba"] / row["floor"],
+        ]
+        for row in rows
+    ]
+    return format_table(header, table, formats=[None, None, *[".2f"] * (len(header) - 2)])
 
 
 def cutoff_rows(sizes, rounds: int) -> list[tuple[int, float, float]]:
@@ -253,9 +135,7 @@ def cutoff_rows(sizes, rounds: int) -> list[tuple[int, float, float]]:
             w, g = random_pair(size)
             times = interleaved(
                 {
-                    name: functools.partial(
-                        lars_numba.scale, w, g, weight_decay=WEIGHT_DECAY, parallel=parallel
-                    )
+                    name: scale_of(w, g, parallel=parallel)
                     for name, parallel in (("serial", False), ("parallel", True))
                 },
                 rounds,
@@ -266,6 +146,18 @@ def cutoff_rows(sizes, rounds: int) -> list[tuple[int, float, float]]:
     return rows
 
 
+def cutoff_table(rows: list[tuple[int, float, float]]) -> str:
+    """The table of :func:`cutoff_rows`."""
+    return format_table(
+        ["N", "serial us", "parallel us", "serial/parallel"],
+        [
+            [size, serial * 1e6, parallel * 1e6, serial / parallel]
+            for size, serial, parallel in rows
+        ],
+        formats=[None, ".2f", ".2f", ".2f"],
+    )
+
+
 # -- the hook as Chainer calls it ---------------------------------------------
 
 
@@ -274,12 +166,8 @@ def _update(n_params: int, size: int, hook: object | None) -> Callable[[], None]
     import chainer
 
     rng = np.random.default_rng(0)
-    model = chainer.Link()
-    with model.init_scope():
-        for i in range(n_params):
-            param = chainer.Parameter(rng.standard_normal(size, dtype=np.float32))
-            param.grad = rng.standard_normal(size, dtype=np.float32)
-            setattr(model, f"p{i}", param)
+    ws, gs = ([rng.standard_normal(size, dtype=np.float32) for _ in range(n_params)] for _ in "wg")
+    model = model_with_grads(ws, gs)
     # lr = 0 keeps the weights, hence the work per update, the same across calls;
     # the hooks rescale the same gradients to a fixed point, whose norm they keep.
     optimizer = chainer.optimizers.SGD(lr=0.0).setup(model)
@@ -339,6 +227,21 @@ def hook_rows(rounds: int) -> list[tuple[int, int, dict[str, float]]]:
     return [(n, size, measure_hook_overhead(n, size, rounds)) for n, size in HOOK_MODELS]
 
 
+def hook_table(rows: list[tuple[int, int, dict[str, float]]]) -> str:
+    """The table of :func:`hook_rows`: each hook's microseconds per parameter."""
+    table = []
+    for n, size, times in rows:
+        chainer_cost, lars_cost = (
+            (times[name] - times["no hook"]) / n * 1e6 for name in ("chainer", "lars_numba")
+        )
+        table.append([n, size, chainer_cost, lars_cost, chainer_cost / lars_cost])
+    return format_table(
+        ["params", "size", "chainer", "lars_numba", "chainer/lars"],
+        table,
+        formats=[None, None, ".2f", ".2f", ".2f"],
+    )
+
+
 # -- a whole model per update ---------------------------------------------------
 
 
@@ -375,45 +278,6 @@ def model_candidates(shapes) -> tuple[dict[str, Callable[[], object]], int]:
     return {**hook_candidates(ws, gs, parallel=True), **candidates}, sum(w.size for w in ws)
 
 
-def _model_with_grads(ws, gs):
-    """A Chainer link whose parameters are ``ws``, with gradients ``gs``."""
-    import chainer
-
-    model = chainer.Link()
-    with model.init_scope():
-        for i, (w, g) in enumerate(zip(ws, gs, strict=True)):
-            param = chainer.Parameter(w)
-            param.grad = g
-            setattr(model, f"p{i}", param)
-    return model
-
-
-def hook_candidates(ws, gs, parallel: bool) -> dict[str, Callable[[], object]]:
-    """Chainer's hook and both of lars_numba's over a model of parameters ``ws`` with
-    gradients ``gs``, each called as Chainer's optimizer calls it."""
-    import chainer
-
-    from . import chainer as lars_chainer
-
-    model = _model_with_grads(ws, gs)
-    optimizer = chainer.optimizers.SGD().setup(model)
-    params = list(model.params())
-
-    def per_parameter(hook):
-        return lambda: [hook(param.update_rule, param) for param in params]
-
-    return {
-        "chainer_hook": per_parameter(
-            chainer.optimizer_hooks.GradientLARS(weight_decay=WEIGHT_DECAY)
-        ),
-        "lars_hook": per_parameter(lars_chainer.GradientLARS(weight_decay=WEIGHT_DECAY)),
-        "fused_hook": functools.partial(
-            lars_chainer.FusedGradientLARS(weight_decay=WEIGHT_DECAY, parallel=parallel),
-            optimizer,
-        ),
-    }
-
-
 def model_rows(names, rounds: int) -> list[tuple[str, int, dict[str, float], float]]:
     """Seconds per whole-model call of each candidate, the floors, and the bandwidth.
 
@@ -433,86 +297,27 @@ def model_rows(names, rounds: int) -> list[tuple[str, int, dict[str, float], flo
     return rows
 
 
-def _format_model_table(rows) -> str:
+def model_table(rows) -> str:
+    """The tables of :func:`model_rows`: milliseconds per update, then the ratios to
+    ``scale_all``."""
     names = list(rows[0][2])
-    width = max(len(row[0]) for row in rows)
-    lines = [
-        f"{'model':<{width}} {'elements':>9} "
-        + " ".join(f"{n:>12}" for n in names)
-        + f" {'GB/s':>6}"
-    ]
-    for name, size, times, bandwidth in rows:
-        lines.append(
-            f"{name:<{width}} {size:>9} "
-            + " ".join(f"{times[n] * 1e3:>12.4g}" for n in names)
-            + f" {bandwidth / 1e9:>6.1f}"
-        )
-    lines.append("ratios to scale_all:")
-    for name, _, times, _ in rows:
-        lines.append(
-            f"{name:<{width}} {'':>9} "
-            + " ".join(f"{times[n] / times['scale_all']:>12.3g}" for n in names)
-        )
-    return "\n".join(lines)
+    times = format_table(
+        ["model", "elements", *names, "GB/s"],
+        [
+            [name, size, *(times[n] * 1e3 for n in names), bandwidth / 1e9]
+            for name, size, times, bandwidth in rows
+        ],
+        formats=[None, None, *[".4g"] * len(names), ".1f"],
+    )
+    ratios = format_table(
+        ["model", *names],
+        [[name, *(times[n] / times["scale_all"] for n in names)] for name, _, times, _ in rows],
+        formats=[None, *[".3g"] * len(names)],
+    )
+    return f"{times}\nratios to scale_all:\n{ratios}"
 
 
 # -- the whole optimizer step ---------------------------------------------------
-
-#: The learning rate of the timed steps: small enough that hundreds of steps on
-#: the same gradients leave float16 weights far from overflowing.
-STEP_LR = 1e-3
-
-
-def step_candidates(shapes, dtype=np.float32) -> tuple[dict[str, Callable[[], object]], int]:
-    """Ways to take one LARS momentum step of a whole model, each ``optimizer.update()``
-    with the gradients present, and the bytes the 7 passes of one fused step move.
-
-    Each candidate has a model of its own over copies of the same weights and
-    gradients. For float16 only lars_numba's ``LARS`` under ``use_fp32_update``
-    is timed, against Chainer's ``MomentumSGD`` under the same.
-    """
-    import chainer
-
-    from . import chainer as lars_chainer
-
-    rng = np.random.default_rng(0)
-    ws = [rng.standard_normal(shape, dtype=np.float32).astype(dtype) for shape in shapes]
-    gs = [rng.standard_normal(shape, dtype=np.float32).astype(dtype) for shape in shapes]
-
-    def update_of(optimizer, hook=None):
-        model = _model_with_grads([w.copy() for w in ws], [g.copy() for g in gs])
-        optimizer.setup(model)
-        if dtype == np.float16:
-            optimizer.use_fp32_update()
-        if hook is not None:
-            optimizer.add_hook(hook)
-        optimizer.update()  # compiles, creates the states
-        return optimizer.update
-
-    def momentum_sgd():
-        return chainer.optimizers.MomentumSGD(lr=STEP_LR)
-
-    candidates = {
-        "LARS": update_of(lars_chainer.LARS(lr=STEP_LR, weight_decay=WEIGHT_DECAY)),
-        # What a user gets by asking for Numba's threads; Chainer's steps have none.
-        "LARS_parallel": update_of(
-            lars_chainer.LARS(lr=STEP_LR, weight_decay=WEIGHT_DECAY, parallel=True)
-        ),
-        "MomentumSGD": update_of(momentum_sgd()),
-    }
-    if dtype == np.float32:
-        candidates["+chainer_hook"] = update_of(
-            momentum_sgd(), chainer.optimizer_hooks.GradientLARS(weight_decay=WEIGHT_DECAY)
-        )
-        candidates["+fused_hook"] = update_of(
-            momentum_sgd(), lars_chainer.FusedGradientLARS(weight_decay=WEIGHT_DECAY)
-        )
-    size = sum(w.size for w in ws)
-    # Norms: read w, g; step: read w, g, v, write v, w. Under float32 masters
-    # the master and the velocity are float32, w and g float16, and w is
-    # written besides the master.
-    bytes_per_element = 7 * 4 if dtype == np.float32 else 4 + 2 + 4 + 2 + 4 + 4 + 4 + 2
-    return candidates, bytes_per_element * size
 
 
 def step_rows(names, rounds: int) -> list[tuple[str, str, dict[str, float], float]]:
@@ -536,6 +341,21 @@ def step_rows(names, rounds: int) -> list[tuple[str, str, dict[str, float], floa
     return rows
 
 
+def step_table(rows: list[tuple[str, str, dict[str, float], float]]) -> str:
+    """The table of :func:`step_rows`: a title per model and dtype, with its floor,
+    over a row per step."""
+    table: list = []
+    for name, dtype, times, bandwidth in rows:
+        floor = times["floor"]
+        table.append(f"{dtype} {name} (floor {floor * 1e3:.3f} ms at {bandwidth / 1e9:.1f} GB/s)")
+        table += [
+            [step, seconds * 1e3, seconds / floor, seconds / times["LARS"]]
+            for step, seconds in times.items()
+            if step != "floor"
+        ]
+    return format_table(["step", "ms", "/floor", "/LARS"], table, [None, ".3f", ".2f", ".2f"], "  ")
+
+
 # -- float16 against float32 ---------------------------------------------------
 
 
@@ -548,15 +368,11 @@ def half_rows(rounds: int) -> list[tuple[str, float, float]]:
     candidates = {}
     for dtype in ("float32", "float16"):
         w, g = (rng.standard_normal(10_000_000, dtype=np.float32).astype(dtype) for _ in "wg")
-        candidates[f"scale {dtype}"] = functools.partial(
-            lars_numba.scale, w, g, weight_decay=WEIGHT_DECAY
+        candidates[f"scale {dtype}"] = scale_of(w, g)
+        ws, gs = (
+            [rng.standard_normal(s, dtype=np.float32).astype(dtype) for s in RESNET50_SHAPES]
+            for _ in "wg"
         )
-        ws = [
-            rng.standard_normal(shape, dtype=np.float32).astype(dtype) for shape in RESNET50_SHAPES
-        ]
-        gs = [
-            rng.standard_normal(shape, dtype=np.float32).astype(dtype) for shape in RESNET50_SHAPES
-        ]
         candidates[f"scale_all {dtype}"] = functools.partial(
             lars_numba.scale_all, ws, gs, weight_decay=WEIGHT_DECAY
         )
@@ -585,18 +401,13 @@ def variant_rows(rounds: int, size: int = 10_000_000) -> list[tuple[str, float]]
     timed in the same rounds."""
     w, g = random_pair(size)
     candidates = {
-        name: functools.partial(lars_numba.scale, w, g, weight_decay=WEIGHT_DECAY, **arguments)
-        for name, arguments in VARIANT_ARGUMENTS.items()
+        name: scale_of(w, g, **arguments) for name, arguments in VARIANT_ARGUMENTS.items()
     }
     times = interleaved(candidates, rounds)
     return [(name, times[name]) for name in VARIANT_ARGUMENTS]
 
 
 # -- parallel beside a busy core ----------------------------------------------
-
-
-def _percentiles(samples: list[float]) -> tuple[float, float]:
-    return statistics.median(samples), float(np.percentile(samples, 90))
 
 
 def contention_rows(sizes=(1_000_000, 10_000_000), calls: int = 40) -> list[tuple]:
@@ -608,12 +419,7 @@ def contention_rows(sizes=(1_000_000, 10_000_000), calls: int = 40) -> list[tupl
     rows = []
     for size in sizes:
         w, g = random_pair(size)
-        calls_of = {
-            parallel: functools.partial(
-                lars_numba.scale, w, g, weight_decay=WEIGHT_DECAY, parallel=parallel
-            )
-            for parallel in (True, False)
-        }
+        calls_of = {"parallel": scale_of(w, g, parallel=True), "serial": scale_of(w, g)}
         for call in calls_of.values():
             call()
         for load in ("quiet", "busy"):
@@ -622,16 +428,27 @@ def contention_rows(sizes=(1_000_000, 10_000_000), calls: int = 40) -> list[tupl
                 spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
                 time.sleep(0.2)
             try:
-                samples = {parallel: [] for parallel in calls_of}
-                for _ in range(calls):
-                    for parallel, call in calls_of.items():
-                        samples[parallel].append(_seconds(call))
+                samples = take_turns(calls_of, calls, seconds)
             finally:
                 if spinner is not None:
                     spinner.kill()
                     spinner.wait()
-            rows.append((size, load, _percentiles(samples[True]), _percentiles(samples[False])))
+            rows.append(
+                (size, load, median_and_p90(samples["parallel"]), median_and_p90(samples["serial"]))
+            )
     return rows
+
+
+def contention_table(rows: list[tuple]) -> str:
+    """The table of :func:`contention_rows`, in milliseconds."""
+    return format_table(
+        ["N", "load", "parallel med", "p90", "serial med", "p90", "par/ser med", "par/ser p90"],
+        [
+            [size, load, *(t * 1e3 for t in (*threaded, *serial)), *map(truediv, threaded, serial)]
+            for size, load, threaded, serial in rows
+        ],
+        formats=[None, None, *[".3f"] * 4, ".2f", ".2f"],
+    )
 
 
 # -- Python's share of scale_all, per pair ---------------------------------------
@@ -692,14 +509,8 @@ def main(argv: list[str] | None = None) -> None:
         f"NumPy's BLAS on {blas}"
     )
     if args.cutoff:
-        cutoff = tunables.PARALLEL_MIN_SIZE
-        print(f"{'N':>10} {'serial us':>10} {'parallel us':>12} {'serial/parallel':>16}")
-        for size, serial, parallel in cutoff_rows(args.sizes, args.rounds):
-            print(
-                f"{size:>10} {serial * 1e6:>10.2f} {parallel * 1e6:>12.2f}"
-                f" {serial / parallel:>16.2f}"
-            )
-        print(f"current cut-off: tunables.PARALLEL_MIN_SIZE = {cutoff}")
+        print(cutoff_table(cutoff_rows(args.sizes, args.rounds)))
+        print(f"current cut-off: tunables.PARALLEL_MIN_SIZE = {tunables.PARALLEL_MIN_SIZE}")
         return
 
     with tempfile.TemporaryDirectory() as cache_dir:
@@ -714,38 +525,40 @@ def main(argv: list[str] | None = None) -> None:
         f"bandwidth, measured in the rounds of each row: {bandwidth_range(rows, 1)} on 1 thread, "
         f"{bandwidth_range(rows, threads)} on {threads}"
     )
-    print(_format_table(rows))
+    print(scale_table(rows))
 
     print(
         f"\nwhole model per update, float32, weight_decay={WEIGHT_DECAY}: milliseconds "
         f"(medians); floors at the bandwidth measured in each row's rounds, on {threads} threads"
     )
-    print(_format_model_table(model_rows(args.models, args.rounds)))
+    print(model_table(model_rows(args.models, args.rounds)))
 
     print("\nfloat16 against float32 (medians, ms, timed in turn)")
-    print(f"{'call':>10} {'float32':>9} {'float16':>9} {'f16/f32':>8}")
-    for name, single, half in half_rows(args.rounds):
-        print(f"{name:>10} {single * 1e3:>9.3f} {half * 1e3:>9.3f} {half / single:>8.2f}")
+    print(
+        format_table(
+            ["call", "float32", "float16", "f16/f32"],
+            [
+                [name, single * 1e3, half * 1e3, half / single]
+                for name, single, half in half_rows(args.rounds)
+            ],
+            formats=[None, ".3f", ".3f", ".2f"],
+        )
+    )
 
     print("\nthe variants of the rule, scale at 1e7 float32 (medians, ms, timed in turn)")
     variants = variant_rows(args.rounds)
     default = variants[0][1]
-    print(f"{'variant':>22} {'ms':>9} {'/default':>9}")
-    for name, seconds in variants:
-        print(f"{name:>22} {seconds * 1e3:>9.3f} {seconds / default:>9.2f}")
+    print(
+        format_table(
+            ["variant", "ms", "/default"],
+            [[name, seconds * 1e3, seconds / default] for name, seconds in variants],
+            formats=[None, ".3f", ".2f"],
+        )
+    )
 
     print("\nscale(parallel=True) and (parallel=False) quiet and beside a busy process, float32:")
-    print("single calls in turn, median / 90th percentile in ms")
-    print(
-        f"{'N':>10} {'load':>6} {'parallel':>15} {'serial':>15}"
-        f" {'par/ser med':>12} {'par/ser p90':>12}"
-    )
-    for size, load, threaded, serial in contention_rows():
-        print(
-            f"{size:>10} {load:>6} {threaded[0] * 1e3:>7.3f}/{threaded[1] * 1e3:<7.3f}"
-            f" {serial[0] * 1e3:>7.3f}/{serial[1] * 1e3:<7.3f}"
-            f" {threaded[0] / serial[0]:>12.2f} {threaded[1] / serial[1]:>12.2f}"
-        )
+    print("single calls in turn, median and 90th percentile in ms")
+    print(contention_table(contention_rows()))
 
     (few, few_time), (many, many_time) = per_pair_rows(args.rounds)
     print(
@@ -760,30 +573,14 @@ def main(argv: list[str] | None = None) -> None:
             f"\nthe whole step, optimizer.update() with gradients, lr={STEP_LR}, "
             f"weight_decay={WEIGHT_DECAY}, on 1 thread (LARS_parallel: on "
             f"{numba.get_num_threads()}): milliseconds (medians), and ratios to the floor of a "
-            "fused step's 7 passes at the bandwidth of 1 thread in the same rounds"
+            "fused step's 7 passes at the bandwidth of 1 thread in the same rounds and to LARS"
         )
-        for name, dtype, times, bandwidth in steps:
-            names = [n for n in times if n != "floor"]
-            floor = times["floor"]
-            print(f"{dtype} {name} (floor {floor * 1e3:.3f} ms at {bandwidth / 1e9:.1f} GB/s)")
-            for n in names:
-                print(
-                    f"  {n:>14} {times[n] * 1e3:>9.3f} ms {times[n] / floor:>7.2f}x floor"
-                    f" {times[n] / times['LARS']:>7.2f}x LARS"
-                )
+        print(step_table(steps))
 
     hooks = hook_rows(args.rounds)
     if hooks:
         print("\nthe hook inside SGD's optimizer.update(), float32: microseconds per parameter")
-        print(f"{'params':>7} {'size':>8} {'chainer':>9} {'lars_numba':>11} {'chainer/lars':>13}")
-        for n, size, times in hooks:
-            chainer_cost, lars_cost = (
-                (times[name] - times["no hook"]) / n * 1e6 for name in ("chainer", "lars_numba")
-            )
-            print(
-                f"{n:>7} {size:>8} {chainer_cost:>9.2f} {lars_cost:>11.2f}"
-                f" {chainer_cost / lars_cost:>13.2f}"
-            )
+        print(hook_table(hooks))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import numpy as np
 
 import lars_numba
 
-from . import bench
+from . import harness
 from ._shapes import RESNET50_SHAPES
 
 #: Bytes of the buffer the copy floor is timed on: larger than any GPU's L2.
@@ -87,17 +87,17 @@ def candidates(shapes) -> dict[str, Callable[[], object]]:
     ws, gs = device_arrays(shapes, 0), device_arrays(shapes, 1)
     ways = {
         "scale": lambda: [
-            lars_numba.scale(w, g, weight_decay=bench.WEIGHT_DECAY)
+            lars_numba.scale(w, g, weight_decay=harness.WEIGHT_DECAY)
             for w, g in zip(ws, gs, strict=True)
         ],
-        "scale_all": lambda: lars_numba.scale_all(ws, gs, weight_decay=bench.WEIGHT_DECAY),
+        "scale_all": lambda: lars_numba.scale_all(ws, gs, weight_decay=harness.WEIGHT_DECAY),
     }
     try:
         import chainer  # noqa: F401
         import cupy  # noqa: F401
     except ImportError:
         return ways
-    return {**ways, **bench.hook_candidates(ws, gs, parallel=False)}
+    return {**ways, **harness.hook_candidates(ws, gs, parallel=False)}
 
 
 def copy_call(nbytes: int) -> Callable[[], object]:
@@ -115,10 +115,7 @@ def timed(ways: dict[str, Callable[[], object]], rounds: int) -> dict[str, tuple
     stream = launch_stream()
     for call in ways.values():
         gpu_and_host_seconds(call, stream)  # the first call compiles, or loads from the cache
-    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
-    for _ in range(rounds):
-        for name, call in ways.items():
-            samples[name].append(gpu_and_host_seconds(call, stream))
+    samples = harness.take_turns(ways, rounds, lambda call: gpu_and_host_seconds(call, stream))
     return {
         name: tuple(statistics.median(column) for column in zip(*pairs, strict=True))
         for name, pairs in samples.items()
@@ -166,7 +163,16 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\n{title}")
         else:
             print(f"\n{title}: copy {bandwidth / 1e9:.0f} GB/s, floor {floor * 1e6:.1f} us")
-        print(f"{'candidate':>22} {'GPU us':>10} {'host us':>10} {'GPU/floor':>10}")
-        for name, (gpu, host) in times.items():
-            on_gpu = ("-", "-") if simulated else (f"{gpu * 1e6:.1f}", f"{gpu / floor:.2f}")
-            print(f"{name:>22} {on_gpu[0]:>10} {host * 1e6:>10.1f} {on_gpu[1]:>10}")
+        table = [
+            [name, None, host * 1e6, None]
+            if simulated
+            else [name, gpu * 1e6, host * 1e6, gpu / floor]
+            for name, (gpu, host) in times.items()
+        ]
+        print(
+            harness.format_table(
+                ["candidate", "GPU us", "host us", "GPU/floor"],
+                table,
+                formats=[None, ".1f", ".1f", ".2f"],
+            )
+        )

@@ -34,11 +34,11 @@ import numpy as np
 
 import lars_numba
 
-from . import bench
+from . import bench, harness
 
-LR = bench.STEP_LR
+LR = harness.STEP_LR
 MOMENTUM = 0.9
-WEIGHT_DECAY = bench.WEIGHT_DECAY
+WEIGHT_DECAY = harness.WEIGHT_DECAY
 #: timm's default eps, given to every candidate; optax's default is 0.
 EPS = 1e-8
 #: timm's and optax's defaults are 0.001; 1 is Chainer's rule, and any value
@@ -311,13 +311,13 @@ def model_arrays(shapes) -> tuple[list[np.ndarray], list[np.ndarray]]:
 
 
 def chainer_lars_update(shapes) -> Callable[[], object] | None:
-    """:class:`lars_numba.chainer.LARS`'s ``update()`` from :func:`bench.step_candidates`,
+    """:class:`lars_numba.chainer.LARS`'s ``update()`` from :func:`harness.step_candidates`,
     where chainer imports."""
     try:
         import chainer  # noqa: F401
     except ImportError:
         return None
-    return bench.step_candidates(shapes)[0]["LARS"]
+    return harness.step_candidates(shapes)[0]["LARS"]
 
 
 def model_rows(
@@ -378,33 +378,39 @@ def model_rows(
                 "lars_numba.chainer.LARS, Chainer's threshold and eps, one thread",
             )
         )
-    times = bench.interleaved({**candidates, **bench.stream_candidates(False)}, rounds)
-    bandwidth = bench.pop_bandwidth(times)
+    times = harness.interleaved({**candidates, **harness.stream_candidates(False)}, rounds)
+    bandwidth = harness.pop_bandwidth(times)
     return [row._replace(seconds=times.get(row.candidate)) for row in rows], bandwidth
 
 
 def format_table(models: Sequence[tuple[list[Row], float, int]]) -> str:
     """The table of :func:`model_rows` results, each with the model's element count."""
-    width = max(len(row.candidate) for rows, _, _ in models for row in rows)
-    lines = [f"{'candidate':<{width}} {'ms/step':>9} {'x floor':>8} {'x ours':>7}  notes"]
+    table: list = []
     for rows, bandwidth, elements in models:
         floor = FLOOR_BYTES_PER_ELEMENT * elements / bandwidth
-        lines.append(
+        table.append(
             f"{rows[0].model}, {elements} float32 elements: floor {floor * 1e3:.3g} ms"
             f" (7 passes at {bandwidth / 1e9:.1f} GB/s, one core, same rounds)"
         )
         times = {row.candidate: row.seconds for row in rows}
         for row in rows:
-            if row.seconds is None:
-                lines.append(f"  {row.candidate:<{width}} {'-':>9} {'-':>8} {'-':>7}  {row.note}")
-                continue
             ours = times.get(row.reference) if row.reference else row.seconds
-            relative = f"{row.seconds / ours:>7.2f}" if ours else f"{'-':>7}"
-            lines.append(
-                f"  {row.candidate:<{width}} {row.seconds * 1e3:>9.3f}"
-                f" {row.seconds / floor:>8.2f} {relative}  {row.note}"
+            timed = row.seconds is not None
+            table.append(
+                [
+                    row.candidate,
+                    row.seconds * 1e3 if timed else None,
+                    row.seconds / floor if timed else None,
+                    row.seconds / ours if timed and ours else None,
+                    row.note,
+                ]
             )
-    return "\n".join(lines)
+    return harness.format_table(
+        ["candidate", "ms/step", "x floor", "x ours", "notes"],
+        table,
+        formats=[None, ".3f", ".2f", ".2f"],
+        indent="  ",
+    )
 
 
 @contextlib.contextmanager

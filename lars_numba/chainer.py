@@ -141,9 +141,8 @@ class GradientLARS(_Hyperparameters):
     parallel : bool, optional
         Run large parameters on all of Numba's threads. Off by default: in a
         training loop NumPy's BLAS threads stay busy on the cores between
-        matrix products, and a parallel kernel called right after one waited
-        6 to 11 ms for a core on 2 cores, against 0.15 ms when idle. An
-        addition to Chainer's constructor.
+        matrix products, and a parallel kernel called right after one waits
+        for a core (:doc:`/threads`). An addition to Chainer's constructor.
     trust_coefficient, denominator : optional
         As for :func:`lars_numba.scale`: the paper's :math:`\\eta`, and
         ``"update"`` for the norm of the decayed gradient (:doc:`/variants`).

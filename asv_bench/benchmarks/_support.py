@@ -16,6 +16,7 @@ __all__ = [
     "WEIGHT_DECAY",
     "SkipNotImplemented",
     "bandwidth",
+    "load_harness",
     "optional",
     "random_arrays",
     "require",
@@ -52,11 +53,16 @@ def random_arrays(shapes, dtype: str, seed: int = 0) -> list[np.ndarray]:
     ]
 
 
+def load_harness() -> ModuleType | None:
+    """The package's benchmark harness: ``lars_numba.harness``, or ``lars_numba.bench``
+    in the commits before it had one."""
+    return optional("lars_numba.harness") or optional("lars_numba.bench")
+
+
 @functools.cache
 def bandwidth(parallel: bool) -> float:
     """The package's measured memory bandwidth in bytes per second, once per process."""
-    bench = optional("lars_numba.bench")
-    return require(bench, "stream_bandwidth", method=True)(parallel)
+    return require(load_harness(), "stream_bandwidth", method=True)(parallel)
 
 
 def scale_call(size: int, dtype: str):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from ._support import WEIGHT_DECAY, SkipNotImplemented, optional, require, scale_call
+from ._support import WEIGHT_DECAY, SkipNotImplemented, load_harness, require, scale_call
 
-bench = optional("lars_numba.bench")
+# The package's harness under the name the benchmarks' code has always used
+# (asv versions a benchmark by its source, so the name keeps their history).
+bench = load_harness()
 
 
 class ScaleMemory:

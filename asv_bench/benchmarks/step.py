@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from ._support import SkipNotImplemented, optional, require
+from ._support import SkipNotImplemented, load_harness, optional, require
 
-bench = optional("lars_numba.bench")
+# The package's harness under the name the benchmarks' code has always used
+# (asv versions a benchmark by its source, so the name keeps their history).
+bench = load_harness()
 lars_chainer = optional("lars_numba.chainer")
 shapes = optional("lars_numba._shapes")
 chainer = optional("chainer")

@@ -299,7 +299,7 @@ def momentum_step(
 
     The arrays may be NumPy arrays or CUDA arrays (CuPy's, Numba's, any
     ``__cuda_array_interface__``), all of one kind. On CUDA arrays the step is
-    two launches per group of up to ``tunables.TUPLE_WIDTH`` pairs of the same
+    two launches per group of up to ``tunables.GROUP_PAIRS`` pairs of the same
     dtypes, enqueued on the caller's stream without synchronization (as for
     :func:`scale_all`); the call returns ``None`` and, with
     ``skip_nonfinite``, the decision to skip is made on the device.

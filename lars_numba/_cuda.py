@@ -10,7 +10,7 @@ group of pairs, on the caller's stream and without synchronization (as
 apex's ``multi_tensor_apply`` does):
 
 1. :func:`sums_of_chunks` reads ``w`` and ``g`` once. The pairs of a group
-   travel as tuples of arrays, cut into chunks of
+   travel as one table of their arrays' addresses, cut into chunks of
    :data:`lars_numba.tunables.GPU_CHUNK` elements that the blocks share out,
    so that one block's work does not depend on the size of the array it
    comes from. Each chunk's sums go to its row of a scratch array; the block
@@ -27,9 +27,10 @@ apex's ``multi_tensor_apply`` does):
    sums set a flag where a gradient is not finite, every group's sums then
    run first, and the step kernels do nothing if the flag is set.
 
-Contiguous pairs of one dtype go :data:`lars_numba.tunables.TUPLE_WIDTH` to a
-group, as 1-d views; any other pair is a group of its own, as n-d arrays of
-any strides, through the same kernels.
+Contiguous pairs of the same dtypes go :data:`lars_numba.tunables.GROUP_PAIRS`
+to a group, as the addresses of their 1-d views (see :func:`slot_arrays`);
+any other pair is a group of its own, as n-d arrays of any strides, through
+the same kernels.
 
 Like the CPU engine, the kernels accumulate and update in float64: a float16
 sum of squares overflows past 65504 and a float32 one loses digits over
@@ -51,6 +52,7 @@ closure, so that a change of the rule compiles them anew.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import sys
 import threading
@@ -58,7 +60,7 @@ from collections import OrderedDict
 from typing import NamedTuple
 
 import numpy as np
-from numba import cuda, float64, uint32
+from numba import cuda, float64, types, uint32
 from numba.cuda.core import config
 
 from . import _layout, _rule, tunables
@@ -101,6 +103,91 @@ def unravel(i, shape):
         index = tuple_setitem(index, axis, i % shape[axis])
         i //= shape[axis]
     return tuple_setitem(index, 0, i)
+
+
+# -- the arrays of a group -------------------------------------------------------
+#
+# A group of flat pairs travels as one table, ``(addresses, likes)``:
+# ``addresses[slot, k]`` is the device address of array ``k`` of the pair in
+# ``slot``, ``likes[k]`` a zero-size array of that array's dtype. So a launch
+# takes the same few parameters whatever its number of pairs: numba-cuda types
+# and packs the arrays of a tuple one by one at every launch, and a kernel's
+# parameters may not pass 4 KiB. A pair of strided arrays is a group of its
+# own and travels as the tuple of its arrays.
+
+if config.ENABLE_CUDASIM:
+
+    def slot_arrays(arrays, slot, stop):
+        """The arrays of the pair in ``slot`` of the group ``arrays``, as kernels index
+        them: 1-d views of ``stop`` elements for a table, else the pair's arrays.
+
+        The simulator's device arrays are host memory: the views are NumPy's.
+        """
+        if not isinstance(arrays[1], tuple):
+            return arrays
+        addresses, likes = arrays
+        return tuple(
+            _host_view(int(addresses[slot, k]), int(stop), like.dtype)
+            for k, like in enumerate(likes)
+        )
+
+    def _host_view(address: int, size: int, dtype: np.dtype) -> np.ndarray:
+        if size == 0:
+            return np.empty(0, dtype)
+        buffer = (ctypes.c_byte * (size * dtype.itemsize)).from_address(address)
+        return np.frombuffer(buffer, dtype)
+
+else:
+    from numba.core import cgutils
+    from numba.cuda.extending import intrinsic, overload
+    from numba.cuda.np.arrayobj import populate_array
+
+    @intrinsic
+    def view_at(typingctx, address, size, like):
+        """The 1-d array of ``size`` elements of ``like``'s dtype at the device
+        address ``address``, in global memory."""
+        array_type = types.Array(like.dtype, 1, "C")
+
+        def codegen(context, builder, signature, args):
+            address, size, _ = args
+            element = context.get_data_type(array_type.dtype)
+            itemsize = context.get_constant(types.intp, context.get_abi_sizeof(element))
+            # Global, so that NVVM loads and stores with ld.global and st.global.
+            data = builder.inttoptr(address, element.as_pointer(_GLOBAL))
+            array = context.make_array(array_type)(context, builder)
+            populate_array(
+                array,
+                data=builder.addrspacecast(data, element.as_pointer()),
+                shape=cgutils.pack_array(builder, [size]),
+                strides=cgutils.pack_array(builder, [itemsize]),
+                itemsize=itemsize,
+                meminfo=None,
+            )
+            return array._getvalue()
+
+        return array_type(types.int64, types.intp, like), codegen
+
+    _GLOBAL = 1  # NVVM's address space of global memory
+
+    def slot_arrays(arrays, slot, stop):
+        """The arrays of the pair in ``slot`` of the group ``arrays``, as kernels index
+        them: 1-d views of ``stop`` elements for a table, else the pair's arrays."""
+
+    @overload(slot_arrays, inline="always")
+    def _slot_arrays(arrays, slot, stop):
+        if not isinstance(arrays[1], types.BaseTuple):
+            return lambda arrays, slot, stop: arrays
+        if len(arrays[1]) == 2:
+            return lambda arrays, slot, stop: (
+                view_at(arrays[0][slot, 0], stop, arrays[1][0]),
+                view_at(arrays[0][slot, 1], stop, arrays[1][1]),
+            )
+        return lambda arrays, slot, stop: (
+            view_at(arrays[0][slot, 0], stop, arrays[1][0]),
+            view_at(arrays[0][slot, 1], stop, arrays[1][1]),
+            view_at(arrays[0][slot, 2], stop, arrays[1][2]),
+            view_at(arrays[0][slot, 3], stop, arrays[1][3]),
+        )
 
 
 #: The sums of a pair start from these: one per term of ``_rule.norm_terms``.
@@ -202,14 +289,14 @@ def add_up_partials(shared, sums, row, partial, ticket, slot, first, end, total_
 
 # -- kernels -------------------------------------------------------------------
 #
-# They take tuples of arrays, one per array of a pair (``ws``, ``gs``, ...),
-# ``chunks``, whose row ``c`` describes chunk ``c`` (see ``CHUNK_COLUMNS``),
+# They take a group's arrays (see :func:`slot_arrays`), ``chunks``, whose row
+# ``c`` describes chunk ``c`` (see ``CHUNK_COLUMNS``),
 # and ``sums`` from row ``base`` on: a row per chunk, then a total per slot.
 # Numba's cache keys a kernel by its bytecode and closure, so each update's
 # kernel is made by a function whose closure holds the update's number and
 # the rule's digest.
 
-#: The columns of a chunk table: the pair's slot in the tuples, the chunk's
+#: The columns of a chunk table: the pair's slot in the group, the chunk's
 #: first and past-last elements, the pair's first and past-last rows of chunks,
 #: the pair's index in the call, and whether it gets weight decay and its trust
 #: ratio.
@@ -221,7 +308,7 @@ def _sums_kernel():
     digest = _rule.SOURCE_DIGEST
 
     @cuda.jit(cache=True)
-    def sums_of_chunks(ws, gs, chunks, sums, base, ticket, hyper, nonfinite):
+    def sums_of_chunks(arrays, chunks, sums, base, ticket, hyper, nonfinite):
         """``sums[base + len(chunks) + s] <-`` the sums over the pair in slot ``s``.
 
         Chunk ``c``'s sums go to ``sums[base + c]``; ``ticket[s]`` counts the
@@ -233,11 +320,12 @@ def _sums_kernel():
         thread = cuda.threadIdx.x
         for chunk in range(cuda.blockIdx.x, chunks.shape[0], cuda.gridDim.x):
             slot = chunks[chunk, 0]
+            pair = slot_arrays(arrays, slot, chunks[chunk, 2])
             pair_hyper = masked(hyper, chunks[chunk, 6], chunks[chunk, 7])
             partial = sums_of_range(
                 pair_hyper,
-                ws[slot],
-                gs[slot],
+                pair[0],
+                pair[1],
                 chunks[chunk, 1] + thread,
                 chunks[chunk, 2],
                 cuda.blockDim.x,
@@ -280,7 +368,7 @@ def _update_kernel(update: int):
     digest = _rule.SOURCE_DIGEST
 
     @cuda.jit(cache=True)
-    def update_chunks(ws, gs, chunks, sums, base, hyper, rates):
+    def update_chunks(arrays, chunks, sums, base, hyper, rates):
         """Update each chunk, the rate from its pair's total and its masked ``hyper``.
 
         ``rates[pair]``, unless ``rates`` is empty, receives the pair's rate.
@@ -290,8 +378,9 @@ def _update_kernel(update: int):
         written = _WRITTEN[update]
         for chunk in range(cuda.blockIdx.x, chunks.shape[0], cuda.gridDim.x):
             slot, pair_hyper, rate = chunk_rate(chunks, chunk, sums, base, hyper, rates)
-            w = ws[slot]
-            g = gs[slot]
+            pair = slot_arrays(arrays, slot, chunks[chunk, 2])
+            w = pair[0]
+            g = pair[1]
             for i in range(chunks[chunk, 1] + cuda.threadIdx.x, chunks[chunk, 2], cuda.blockDim.x):
                 index = unravel(i, w.shape)  # g has the shape of w
                 values = function(rate, pair_hyper, float64(w[index]), float64(g[index]))
@@ -305,14 +394,15 @@ def _update_kernel(update: int):
 
 def _step_kernel(update: int):
     """The update kernel of update number ``update``, a momentum step: pairs of
-    weights (or masters), gradients and velocities, and the copies that receive
-    the new weights' rounding where the update has them."""
+    weights (or masters), gradients, velocities and the copies that receive
+    the new weights' rounding where the update has them (the weights again
+    where it has not)."""
     digest = _rule.SOURCE_DIGEST
 
     @cuda.jit(cache=True)
-    def step_chunks(ws, gs, vs, copies, chunks, sums, base, hyper, rates, nonfinite, skip):
-        """:func:`update_chunks` for three arrays a pair (and a copy); nothing at
-        all if ``skip`` and ``nonfinite[0]``, set by the sums of this call."""
+    def step_chunks(arrays, chunks, sums, base, hyper, rates, nonfinite, skip):
+        """:func:`update_chunks` for four arrays a pair; nothing at all if ``skip``
+        and ``nonfinite[0]``, set by the sums of this call."""
         assert digest
         if skip and nonfinite[0]:
             return
@@ -321,10 +411,11 @@ def _step_kernel(update: int):
         rounded_copy = _ROUNDED_COPY[update]
         for chunk in range(cuda.blockIdx.x, chunks.shape[0], cuda.gridDim.x):
             slot, pair_hyper, rate = chunk_rate(chunks, chunk, sums, base, hyper, rates)
-            w = ws[slot]
-            g = gs[slot]
-            v = vs[slot]
-            copy = copies[slot]
+            pair = slot_arrays(arrays, slot, chunks[chunk, 2])
+            w = pair[0]
+            g = pair[1]
+            v = pair[2]
+            copy = pair[3]
             for i in range(chunks[chunk, 1] + cuda.threadIdx.x, chunks[chunk, 2], cuda.blockDim.x):
                 index = unravel(i, w.shape)  # the arrays of a pair have one shape
                 values = function(
@@ -446,7 +537,8 @@ class Scratch(NamedTuple):
 
     stream: object  #: the Numba stream
     sums: object  #: float64, (rows, SUMS): each group's chunks' partial sums, then its totals
-    ticket: object  #: uint32, (TUPLE_WIDTH,): chunks done of each pair, modulo their number
+    ticket: object  #: uint32, a slot's chunks done, modulo their number, for the widest group
+    addresses: object  #: int64, 1-d: the call's address table (see :func:`slot_arrays`)
     nonfinite: object  #: bool, (1,): whether a gradient was not finite, where the call has no flag
     event: object  #: recorded on ``stream`` after each call's last launch
 
@@ -486,8 +578,8 @@ def stream_key(handle: int) -> tuple:
     return (handle, token)
 
 
-def _scratch_for(device, handle: int, key: tuple, rows: int) -> Scratch:
-    """The scratch of stream ``handle`` on ``device``, of ``rows`` rows at least.
+def _scratch_for(device, handle: int, key: tuple, plan: Plan) -> Scratch:
+    """The scratch of stream ``handle`` on ``device``, large enough for ``plan``.
 
     ``key`` is the stream's :func:`stream_key`. Made once per stream (and
     again if it must grow), then reused: calls on one stream run in order, so
@@ -496,7 +588,9 @@ def _scratch_for(device, handle: int, key: tuple, rows: int) -> Scratch:
     key = (device, *key)
     scratch = _scratch.get(key)
     if scratch is not None and (
-        scratch.sums.shape[0] < rows or scratch.ticket.shape[0] < tunables.TUPLE_WIDTH
+        scratch.sums.shape[0] < plan.rows
+        or scratch.ticket.shape[0] < plan.slots
+        or scratch.addresses.shape[0] < plan.addresses
     ):
         _retire(scratch, (scratch.event,))
         scratch = None
@@ -504,8 +598,9 @@ def _scratch_for(device, handle: int, key: tuple, rows: int) -> Scratch:
         stream = _numba_stream(handle)
         scratch = Scratch(
             stream=stream,
-            sums=cuda.device_array((max(rows, 1), _rule.SUMS), np.float64, stream=stream),
-            ticket=cuda.to_device(np.zeros(tunables.TUPLE_WIDTH, np.uint32), stream=stream),
+            sums=cuda.device_array((max(plan.rows, 1), _rule.SUMS), np.float64, stream=stream),
+            ticket=cuda.to_device(np.zeros(max(plan.slots, 1), np.uint32), stream=stream),
+            addresses=cuda.device_array(max(plan.addresses, 1), np.int64, stream=stream),
             nonfinite=cuda.to_device(_FINITE, stream=stream),
             event=_new_event(),
         )
@@ -524,10 +619,15 @@ def _scratch_for(device, handle: int, key: tuple, rows: int) -> Scratch:
 class Group(NamedTuple):
     """The pairs that one launch of each kernel treats."""
 
-    pairs: tuple[int, ...]  #: indices into the call's pairs, in tuple order
-    flat: bool  #: 1-d contiguous views of one dtype each, padded to :func:`padded_width`
+    pairs: tuple[int, ...]  #: indices into the call's pairs, in slot order
+    update: str  #: the name of the pairs' update, from their number of arrays
+    #: zero-size arrays of the dtypes of a pair's arrays (as :func:`kernel_arrays`
+    #: gives them) if the pairs are flat, 1-d views of unit stride; None for
+    #: the one strided pair of a group
+    likes: tuple | None
     chunks: object  #: int64 device array, a row per chunk (see ``CHUNK_COLUMNS``)
     base: int  #: the group's first row of the scratch sums
+    first: int  #: the group's first row of the call's address table, if flat
 
 
 class Plan(NamedTuple):
@@ -541,6 +641,8 @@ class Plan(NamedTuple):
     #: scratch rows of the groups: each group's partial sums, then a total per
     #: slot, apart, so that every group's sums may be taken before any update
     rows: int
+    slots: int  #: the pairs of the largest group: the tickets a call uses
+    addresses: int  #: the elements of the call's address table
     last_use: list  #: the event recorded after the plan's latest call, once it has had one
 
 
@@ -549,7 +651,8 @@ _empty: dict[tuple[object, np.dtype], object] = {}
 
 
 def _empty_array(device, dtype):
-    """A zero-size 1-d device array: padding for the tuples, and "no rates"."""
+    """A zero-size 1-d device array: a table's like, a zero-size pair's arrays, and
+    "no rates"."""
     key = (device, np.dtype(dtype))
     array = _empty.get(key)
     if array is None:
@@ -557,20 +660,26 @@ def _empty_array(device, dtype):
     return array
 
 
-def _make_plan(layout, masks: np.ndarray, stream) -> Plan:
+def kernel_arrays(arrays: tuple) -> tuple:
+    """A pair's arrays, or their dtypes, as the kernels take them: two for
+    ``scale``, four for a momentum step, whose three without a float16 copy
+    are followed by the weights again (their update writes no copy)."""
+    return (*arrays, arrays[0]) if len(arrays) == 3 else arrays
+
+
+def _make_plan(layout, masks: np.ndarray, stream, device) -> Plan:
     """Group the pairs, ``layout[i] = (dtypes, size, flat)``, and cut them into chunks.
 
-    Flat pairs of the same dtypes go :func:`tuple_width` to a group, in
-    their order; every other pair is a group of its own.
+    Flat pairs of the same dtypes go :data:`lars_numba.tunables.GROUP_PAIRS`
+    to a group, in their order; every other pair is a group of its own.
     """
     flat = [pair for pair, entry in enumerate(layout) if entry[2]]
-    members = []
-    for group in _layout.groups_by_dtype(layout[pair][0] for pair in flat):
-        width = tuple_width(len(layout[flat[group[0]]][0]))
-        members += [
-            ([flat[i] for i in group[start : start + width]], True)
-            for start in range(0, len(group), width)
-        ]
+    members = [
+        ([flat[i] for i in group], True)
+        for group in _layout.groups_by_dtype(
+            (layout[pair][0] for pair in flat), tunables.GROUP_PAIRS
+        )
+    ]
     members += [([pair], False) for pair, entry in enumerate(layout) if not entry[2]]
     tables = []
     for pairs, _ in members:
@@ -582,56 +691,53 @@ def _make_plan(layout, masks: np.ndarray, stream) -> Plan:
             ]
         )
     bounds = np.cumsum([0] + [len(table) for table in tables])
-    rows = np.cumsum([0] + [len(table) + tunables.TUPLE_WIDTH for table in tables])
+    rows = np.cumsum(
+        [0] + [len(table) + len(pairs) for table, (pairs, _) in zip(tables, members, strict=True)]
+    )
+    firsts = np.cumsum([0] + [len(pairs) if is_flat else 0 for pairs, is_flat in members])
     chunks = cuda.to_device(
         np.array([row for table in tables for row in table], np.int64).reshape(
             -1, len(CHUNK_COLUMNS)
         ),
         stream=stream,
     )
+    groups = []
+    for i, (pairs, is_flat) in enumerate(members):
+        dtypes = layout[pairs[0]][0]
+        likes = None
+        if is_flat:
+            likes = tuple(_empty_array(device, dtype) for dtype in kernel_arrays(dtypes))
+        groups.append(
+            Group(
+                pairs=tuple(pairs),
+                update=UPDATE_OF_ARITY[len(dtypes)],
+                likes=likes,
+                chunks=chunks[bounds[i] : bounds[i + 1]],
+                base=int(rows[i]),
+                first=int(firsts[i]),
+            )
+        )
+    columns = len(kernel_arrays(layout[0][0])) if layout else 0
     return Plan(
-        groups=tuple(
-            Group(tuple(pairs), is_flat, chunks[bounds[i] : bounds[i + 1]], int(rows[i]))
-            for i, (pairs, is_flat) in enumerate(members)
-        ),
+        groups=tuple(groups),
         rows=int(rows[-1]),
+        slots=max((len(pairs) for pairs, _ in members), default=0),
+        addresses=int(firsts[-1]) * columns,
         last_use=[],
     )
 
 
-def _plan_for(key: tuple, layout, masks: np.ndarray, handle: int) -> Plan:
+def _plan_for(key: tuple, layout, masks: np.ndarray, handle: int, device) -> Plan:
     """The plan for ``key`` from the cache, made and copied to the device on a miss.
 
     Call with ``_lock`` held.
     """
-    plan = _plans.pop(key, None) or _make_plan(layout, masks, _numba_stream(handle))
+    plan = _plans.pop(key, None) or _make_plan(layout, masks, _numba_stream(handle), device)
     _plans[key] = plan  # the most recently used last
     if len(_plans) > tunables.PLANS_KEPT:
         _, evicted = _plans.popitem(last=False)
         _retire(evicted, tuple(evicted.last_use))
     return plan
-
-
-def tuple_width(arrays: int) -> int:
-    """The most pairs of ``arrays`` arrays a launch takes: ``TUPLE_WIDTH`` for two,
-    at most ``STEP_TUPLE_WIDTH`` for the momentum steps, whose update kernel takes
-    four tuples (see :data:`lars_numba.tunables.STEP_TUPLE_WIDTH`)."""
-    if arrays == 2:
-        return tunables.TUPLE_WIDTH
-    return min(tunables.TUPLE_WIDTH, tunables.STEP_TUPLE_WIDTH)
-
-
-def padded_width(pairs: int, arrays: int = 2) -> int:
-    """The width of the tuples of a flat group of ``pairs`` pairs of ``arrays``
-    arrays: the next power of two, at most :func:`tuple_width`.
-
-    numba-cuda types and packs every array of a tuple at every launch, at a
-    cost that grows with the width (:doc:`/gpu`), so a group takes tuples no
-    wider than it needs:
-    ``scale`` tuples of one. It compiles the kernels once per width, so a few
-    widths serve every group.
-    """
-    return min(tuple_width(arrays), 1 << (pairs - 1).bit_length())
 
 
 def reducing_launch(items: int, stream) -> tuple:
@@ -646,36 +752,60 @@ def reducing_launch(items: int, stream) -> tuple:
 def _views(columns, device) -> tuple[list, list]:
     """The pairs' arrays as the kernels take them, and their ``(dtypes, size, flat)``.
 
-    ``columns[i]`` holds the arrays of pair ``i``, of one shape. Flat pairs are
-    1-d views of unit stride (see :func:`lars_numba._layout.flat_views`); a
-    zero-size pair is the zero-size padding.
+    ``columns[i]`` holds the arrays of pair ``i``, of one shape. A pair is flat
+    if its arrays hold their elements in the same order in memory, one after
+    the other: of one element, or all C-contiguous, or all F-contiguous. The
+    kernels then reach them by their addresses alone (see
+    :func:`slot_arrays`), so no view is made. A zero-size pair is the
+    zero-size padding.
     """
     views = []
     layout = []
     for arrays in columns:
-        if arrays[0].size == 0:
+        size = arrays[0].size
+        if size == 0:
             arrays = tuple(_empty_array(device, array.dtype) for array in arrays)
-        else:
-            arrays = _layout.flat_views(*arrays) or arrays
-        # Unit strides, not the contiguous flags: those also hold for one
-        # element of stride 0, which Numba types with another layout. (The
-        # zero-size padding has stride 0 and the contiguous layout.)
-        flat = arrays[0].ndim == 1 and (
-            arrays[0].size == 0 or all(array.strides == (array.dtype.itemsize,) for array in arrays)
+        flat = size <= 1 or any(
+            all(array.flags[order] for array in arrays)
+            for order in ("C_CONTIGUOUS", "F_CONTIGUOUS")
         )
-        layout.append((tuple(array.dtype for array in arrays), arrays[0].size, flat))
+        layout.append((tuple(array.dtype for array in arrays), size, flat))
         views.append(arrays)
     return views, layout
 
 
-def _group_tuples(group: Group, views: list, device) -> list[tuple]:
-    """The group's arrays as the kernels take them: a tuple per array of a pair,
-    padded to :func:`padded_width` with zero-size arrays if the group is flat."""
-    tuples = [tuple(column) for column in zip(*(views[pair] for pair in group.pairs), strict=True)]
-    if group.flat:
-        padding = padded_width(len(group.pairs), len(tuples)) - len(group.pairs)
-        tuples = [array + (_empty_array(device, array[0].dtype),) * padding for array in tuples]
-    return tuples
+def device_address(array) -> int:
+    """The device address of a device array's first element in memory (0 if none)."""
+    if config.ENABLE_CUDASIM:  # the simulator's device arrays hold host arrays
+        return array._ary.ctypes.data
+    return array.device_ctypes_pointer.value or 0
+
+
+def _address_table(plan: Plan, views: list, scratch: Scratch):
+    """The addresses of the flat groups' arrays, a row per pair in the order of the
+    plan's groups, copied to the scratch on its stream; None if there are none."""
+    rows = [
+        [device_address(array) for array in kernel_arrays(views[pair])]
+        for group in plan.groups
+        if group.likes is not None
+        for pair in group.pairs
+    ]
+    if not rows:
+        return None
+    host = np.array(rows, np.int64)
+    # From pageable memory the copy has taken the rows when it returns; on
+    # the stream it runs after the kernels queued before, which may still
+    # read the previous call's table.
+    table = scratch.addresses[: host.size].reshape(host.shape)
+    table.copy_to_device(host, stream=scratch.stream)
+    return table
+
+
+def _group_arrays(group: Group, views: list, table) -> tuple:
+    """The group's arrays as the kernels take them (see :func:`slot_arrays`)."""
+    if group.likes is None:
+        return kernel_arrays(views[group.pairs[0]])
+    return table[group.first : group.first + len(group.pairs)], group.likes
 
 
 def _launch(
@@ -699,13 +829,12 @@ def _launch(
             device,
             stream,
             tunables.GPU_CHUNK,
-            tunables.TUPLE_WIDTH,
+            tunables.GROUP_PAIRS,
             tuple(layout),
             masks.tobytes(),
-            tunables.STEP_TUPLE_WIDTH,
         )
-        plan = _plan_for(key, layout, masks, streams.launch)
-        scratch = _scratch_for(device, streams.launch, stream, plan.rows)
+        plan = _plan_for(key, layout, masks, streams.launch, device)
+        scratch = _scratch_for(device, streams.launch, stream, plan)
         for handle in streams.waits:
             produced = _new_event()
             produced.record(_numba_stream(handle))
@@ -714,20 +843,21 @@ def _launch(
         if skip or nonfinite is not None:
             flag.copy_to_device(_FINITE, stream=scratch.stream)
         stored = _empty_array(device, np.float64) if rates is None else rates
+        table = _address_table(plan, views, scratch)
         groups = [
             (
                 group,
-                _group_tuples(group, views, device),
+                _group_arrays(group, views, table),
                 reducing_launch(len(group.chunks), scratch.stream),
             )
             for group in plan.groups
         ]
         # With skip, every gradient's sums come before any update.
         for sums, updates in ((True, False), (False, update)) if skip else ((True, update),):
-            for group, tuples, launch in groups:
+            for group, arrays, launch in groups:
                 if sums:
                     sums_of_chunks[launch](
-                        *tuples[:2],
+                        arrays,
                         group.chunks,
                         scratch.sums,
                         group.base,
@@ -736,13 +866,12 @@ def _launch(
                         flag,
                     )
                 if updates:
-                    kernel = UPDATE_KERNELS[UPDATE_OF_ARITY[len(tuples)]][launch[:3]]
-                    arguments = (group.chunks, scratch.sums, group.base, hyper, stored)
-                    if len(tuples) == 2:
-                        kernel(*tuples, *arguments)
+                    kernel = UPDATE_KERNELS[group.update][launch[:3]]
+                    arguments = (arrays, group.chunks, scratch.sums, group.base, hyper, stored)
+                    if group.update == "scale":
+                        kernel(*arguments)
                     else:
-                        copies = tuples[3] if len(tuples) == 4 else tuples[0]
-                        kernel(*tuples[:3], copies, *arguments, flag, skip)
+                        kernel(*arguments, flag, skip)
         totals = None
         if not update:
             group = plan.groups[0]

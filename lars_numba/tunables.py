@@ -62,18 +62,11 @@ MAX_BLOCKS = 1 if _SIMULATOR else 1024
 #: outweighs its two block-wide reductions.
 GPU_CHUNK = 1 << 14
 
-#: Pairs per launch of the GPU engine: the width of its tuples of arrays.
-#: Each 1-d array is 56 bytes of kernel parameters, so two tuples of 24 and
-#: the tables stay within the 4 KiB every CUDA version accepts; ResNet-50's
-#: 161 float32 arrays take 7 groups, 14 launches.
-TUPLE_WIDTH = 24
-
-#: Pairs per launch of a momentum step (:func:`lars_numba.momentum_step`), at
-#: most ``TUPLE_WIDTH``: its update kernel takes four tuples (the weights or
-#: their float32 masters, the gradients, the velocities, the float16 copies),
-#: which at 16 arrays each stay within the 4 KiB of kernel parameters;
-#: ResNet-50's 161 float32 arrays take 11 groups, 22 launches.
-STEP_TUPLE_WIDTH = 16
+#: Pairs per launch of the GPU engine. A group of flat pairs travels as one
+#: table of their arrays' addresses, whatever its number of pairs, so this
+#: bounds only what a call keeps on the device per pair (a ticket and a row
+#: of totals); ResNet-50's 161 float32 arrays take one group, 2 launches.
+GROUP_PAIRS = 1024
 
 #: Launch plans (chunk tables on the device) kept per process: a training loop
 #: makes one, more if it alternates between models; ResNet-50's takes 84 KB.

@@ -605,10 +605,10 @@ def launches(monkeypatch):
 
 
 @pytest.mark.parametrize("width", [1, 3, 7])
-def test_more_pairs_than_the_tuple_width_take_more_groups(width, launches, monkeypatch, oracle):
+def test_more_pairs_than_a_group_holds_take_more_groups(width, launches, monkeypatch, oracle):
     # The simulator's barriers cost time per thread: few threads, few elements.
     set_grid(monkeypatch, threads=2, min_blocks=1, max_blocks=2)
-    monkeypatch.setattr(tunables, "TUPLE_WIDTH", width)
+    monkeypatch.setattr(tunables, "GROUP_PAIRS", width)
     monkeypatch.setattr(tunables, "GPU_CHUNK", 4)
     sizes = [1, 5, 9, 2, 4, 3, 8, 1, 6, 7, 3, 0, 5, 2]
     dtypes = [np.float32] * 10 + [np.float64] * 4
@@ -616,35 +616,54 @@ def test_more_pairs_than_the_tuple_width_take_more_groups(width, launches, monke
     assert launches() == 2 * (math.ceil(10 / width) + math.ceil(4 / width))
 
 
-@pytest.mark.parametrize(
-    ("pairs", "widths"), [(1, [1]), (2, [2]), (3, [4]), (9, [16]), (24, [24]), (27, [24, 4])]
-)
-def test_a_group_s_tuples_are_as_wide_as_the_next_power_of_two(pairs, widths, monkeypatch, oracle):
-    # numba-cuda types and packs every array of a tuple at every launch: a
-    # group of one pair, every scale, must not carry 23 arrays of padding.
+@pytest.mark.parametrize(("pairs", "groups"), [(1, [1]), (3, [3]), (24, [24]), (27, [24, 3])])
+def test_a_group_travels_as_one_table_of_its_arrays_addresses(pairs, groups, monkeypatch, oracle):
+    # numba-cuda types and packs every array of a tuple at every launch, and
+    # a kernel's parameters may not pass 4 KiB: whatever its number of pairs,
+    # a group is one table of addresses, a row per pair, and a like per dtype.
     set_grid(monkeypatch, threads=2, min_blocks=1, max_blocks=2)
     monkeypatch.setattr(tunables, "GPU_CHUNK", 4)
+    monkeypatch.setattr(tunables, "GROUP_PAIRS", 24)
     seen = []
-    spy_on_kernels(monkeypatch, lambda _, args: seen.append((len(args[0]), len(args[1]))), False)
-    run_scale_all(oracle, flat_pairs([3] * pairs, [np.float32] * pairs, seed=40))
-    assert seen == [(width, width) for width in widths]
+    spy_on_kernels(monkeypatch, lambda _, args: seen.append(args[0]), False)
+    made = flat_pairs([3] * pairs, [np.float32] * pairs, seed=40)
+    run_scale_all(oracle, made)
+    assert [len(addresses) for addresses, _ in seen] == groups
+    rows = np.concatenate([addresses.copy_to_host() for addresses, _ in seen])
+    expected = [[_cuda.device_address(pair[4]), _cuda.device_address(pair[5])] for pair in made]
+    np.testing.assert_array_equal(rows, expected)
+    for _, likes in seen:
+        assert [(like.size, like.dtype) for like in likes] == [(0, np.float32)] * 2
 
 
-def test_resnet50_takes_at_most_16_launches(launches, monkeypatch):
+def test_a_kept_plan_takes_the_addresses_of_each_call_s_arrays(monkeypatch, oracle):
+    # Chainer allocates gradients afresh at every step: the plan, kept under
+    # the layout, serves them, and each call's table holds its own arrays.
+    set_grid(monkeypatch, threads=2, min_blocks=1, max_blocks=2)
+    monkeypatch.setattr(tunables, "GPU_CHUNK", 4)
+    monkeypatch.setattr(_cuda, "_plans", _cuda.OrderedDict())
+    for seed in (70, 80, 90):
+        run_scale_all(oracle, flat_pairs([5, 3, 9], [np.float32] * 3, seed=seed))
+    assert len(_cuda._plans) == 1
+
+
+def test_resnet50_takes_two_launches(launches, monkeypatch):
     # ResNet-50's 161 float32 pairs, each cut to 2 elements: the grouping
     # depends on the number of pairs and their dtypes, not their sizes.
     set_grid(monkeypatch, threads=2, min_blocks=1, max_blocks=2)
     arrays = [cuda.to_device(np.ones(2, np.float32)) for _ in RESNET50_SHAPES]
     lars_numba.scale_all(arrays, arrays)
-    assert launches() == 2 * math.ceil(161 / tunables.TUPLE_WIDTH)
+    assert launches() == 2 * math.ceil(161 / tunables.GROUP_PAIRS) == 2
     assert launches() <= 16
 
 
 def test_resnet50_plan_cuts_every_array_into_chunks():
     # The shipped chunk size on ResNet-50's real sizes, without running a kernel.
     layout = [((np.dtype(np.float32),) * 2, math.prod(shape), True) for shape in RESNET50_SHAPES]
-    plan = _cuda._make_plan(layout, np.ones((len(layout), 2), np.uint8), 0)
-    assert len(plan.groups) == math.ceil(161 / tunables.TUPLE_WIDTH)
+    plan = _cuda._make_plan(
+        layout, np.ones((len(layout), 2), np.uint8), 0, cuda.get_current_device()
+    )
+    assert len(plan.groups) == math.ceil(161 / tunables.GROUP_PAIRS)
     chunks = np.concatenate([group.chunks.copy_to_host() for group in plan.groups])
     sizes = np.array([size for _, size, _ in layout])
     assert sorted({pair for group in plan.groups for pair in group.pairs}) == list(range(161))

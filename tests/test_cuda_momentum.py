@@ -108,7 +108,7 @@ MASKS = {
 def test_many_pairs_in_groups_match_the_oracle_and_the_cpu_rates(
     width, skip_nonfinite, monkeypatch
 ):
-    monkeypatch.setattr(tunables, "TUPLE_WIDTH", width)
+    monkeypatch.setattr(tunables, "GROUP_PAIRS", width)
     befores = mixed_steps()
     steps = [to_device(s) for s in befores]
     rates = cuda.to_device(np.full(len(steps), -1.0))
@@ -135,7 +135,7 @@ def spoiled(steps, pair, value=math.nan):
 @pytest.mark.parametrize("pair", [0, 3, 5, 7])
 def test_skip_nonfinite_writes_nothing_in_any_group(pair, value, monkeypatch):
     # Width 2: the spoilt pair's group is not the first nor, for most, the last.
-    monkeypatch.setattr(tunables, "TUPLE_WIDTH", 2)
+    monkeypatch.setattr(tunables, "GROUP_PAIRS", 2)
     steps = [to_device(s) for s in spoiled(mixed_steps(), pair, value)]
     before = [to_host(s).tobytes() for s in steps]
     rates = cuda.to_device(np.full(len(steps), -1.0))
@@ -149,7 +149,7 @@ def test_skip_nonfinite_writes_nothing_in_any_group(pair, value, monkeypatch):
 
 
 def test_the_flag_is_reset_by_each_call_and_set_without_a_skip_too(monkeypatch):
-    monkeypatch.setattr(tunables, "TUPLE_WIDTH", 2)
+    monkeypatch.setattr(tunables, "GROUP_PAIRS", 2)
     flag = cuda.to_device(np.ones(1, np.bool_))
     befores = mixed_steps()
     steps = [to_device(s) for s in befores]
@@ -166,7 +166,7 @@ def test_the_flag_is_reset_by_each_call_and_set_without_a_skip_too(monkeypatch):
 
 
 def test_the_scratch_flag_decides_the_skip_when_the_call_has_none(monkeypatch):
-    monkeypatch.setattr(tunables, "TUPLE_WIDTH", 2)
+    monkeypatch.setattr(tunables, "GROUP_PAIRS", 2)
     steps = [to_device(s) for s in spoiled(mixed_steps(), 6)]
     before = [to_host(s).tobytes() for s in steps]
     run(steps, **KEYWORDS, skip_nonfinite=True)
@@ -180,10 +180,10 @@ def test_the_scratch_flag_decides_the_skip_when_the_call_has_none(monkeypatch):
 
 @pytest.mark.parametrize("skip_nonfinite", [False, True])
 def test_two_launches_per_group(skip_nonfinite, monkeypatch):
-    monkeypatch.setattr(tunables, "TUPLE_WIDTH", 3)
-    # The sums kernel is the one of eight arguments (the step's has eleven).
+    monkeypatch.setattr(tunables, "GROUP_PAIRS", 3)
+    # The sums kernel is the one of seven arguments (the step's has eight).
     seen = []
-    spy_on_kernels(monkeypatch, lambda _, args: seen.append(len(args) == 8))
+    spy_on_kernels(monkeypatch, lambda _, args: seen.append(len(args) == 7))
     steps = [to_device(s) for s in mixed_steps()]
     run(steps, **KEYWORDS, skip_nonfinite=skip_nonfinite)
     # float32 (4 pairs: 2 groups), float64, float16, float16 with masters (2).
@@ -308,15 +308,17 @@ def test_nonfinite_is_refused_with_numpy_arrays():
     np.testing.assert_array_equal(w, np.ones(3, np.float32))
 
 
-def test_a_resnet50_step_takes_two_launches_per_16_pairs(monkeypatch):
+def test_a_resnet50_step_takes_two_launches(monkeypatch):
     # ResNet-50's 161 float32 pairs, each cut to 2 elements: the grouping
     # depends on the number of pairs and their dtypes, not their sizes.
     ws, gs, vs = ([cuda.to_device(np.ones(2, np.float32)) for _ in RESNET50_SHAPES] for _ in "wgv")
     seen = []
     spy_on_kernels(monkeypatch, lambda configuration, _: seen.append(configuration))
     lars_numba.momentum_step(ws, gs, vs, lr=0.1)
-    assert tunables.STEP_TUPLE_WIDTH == 16
-    assert len(seen) == 2 * math.ceil(161 / 16) == 22
+    # One group: its pairs travel as one address table, not tuples of arrays
+    # whose parameters would pass 4 KiB past 16 pairs.
+    assert tunables.GROUP_PAIRS >= 161
+    assert len(seen) == 2 * math.ceil(161 / tunables.GROUP_PAIRS) == 2
 
 
 def test_the_step_waits_for_the_stream_of_every_array_and_runs_on_the_gradients(

@@ -815,7 +815,7 @@ class _StepPlan:
 
     On a model of many small parameters the walk over the model and the checks
     of every array cost more than the step. The plan finds, in a pass per
-    attribute over its parameters, that the model holds the same links,
+    comparison over its parameters, that the model holds the same links,
     parameters, arrays, rules and states, and that nothing sends a parameter
     down another path (a rule disabled or given hooks or hyperparameters of its
     own, ``use_fp32_update``, another loss scale); it reads the gradients and
@@ -829,8 +829,12 @@ class _StepPlan:
             *group.members, strict=True
         )
         self.loss_scale = self.params[0]._loss_scale
-        self.hyperparams = [rule.hyperparam for rule in self.rules]
-        self.own_hyperparams = [vars(hyperparam) for hyperparam in self.hyperparams]
+        # Compared as lists of tuples, a pass each: their objects compare by
+        # identity (Chainer defines no __eq__ on them), the flag and the loss
+        # scale (one for all, the plan's hyperparameters' key) by value.
+        self.param_fields = list(map(_PARAM_FIELDS, self.params))
+        self.rule_fields = list(map(_RULE_FIELDS, self.rules))
+        self.own_hyperparams = [vars(rule.hyperparam) for rule in self.rules]
         self.states = [rule._state for rule in self.rules]
         hookables = [rule._hookable for rule in self.rules]
         self.hooks = [hooks._pre_update_hooks for hooks in hookables]
@@ -865,28 +869,25 @@ class _StepPlan:
         """The parameters' gradients, if the model is as the plan found it."""
         if optimizer.target is not self.target or not all(map(_same_link, self.links)):
             return None
-        rules, datas, loss_scales = zip(*map(_PARAM_FIELDS, self.params), strict=True)
-        enabled, hyperparams, states = zip(*map(_RULE_FIELDS, self.rules), strict=True)
         holds = (
-            all(map(is_, rules, self.rules))
-            and all(map(is_, map(_FIRST, datas), self.ws))
-            and set(loss_scales) == {self.loss_scale}
-            and all(enabled)
-            and all(map(is_, hyperparams, self.hyperparams))
+            list(map(_PARAM_FIELDS, self.params)) == self.param_fields
+            and list(map(_RULE_FIELDS, self.rules)) == self.rule_fields
+            and all(map(is_, map(_FIRST, map(_DATA, self.params)), self.ws))
             and set(map(len, self.own_hyperparams)) == {1}  # the parent's reference alone
-            and all(map(is_, states, self.states))
-            and all(map(is_, map(_VELOCITY, states), self.vs))
-            and not any(map(len, self.hooks))
+            and all(map(is_, map(_STATE, self.rules), self.states))
+            and all(map(is_, map(_VELOCITY, self.states), self.vs))
+            and not any(self.hooks)  # every dict of hooks empty
             and all(_same_master(rule, master) for rule, master in self.halves)
         )
         # Chainer's property, which raises for a gradient that is not valid.
         return list(map(_GRAD, self.params)) if holds else None
 
 
-#: What :class:`_StepPlan` reads of each parameter and each rule, in one pass each.
-_PARAM_FIELDS = attrgetter("update_rule", "_data", "_loss_scale")
-_RULE_FIELDS = attrgetter("enabled", "hyperparam", "_state")
-_FIRST, _VELOCITY, _GRAD = itemgetter(0), itemgetter("v"), attrgetter("grad")
+#: What :class:`_StepPlan` compares of each parameter and each rule, in one pass each.
+_PARAM_FIELDS = attrgetter("update_rule", "_loss_scale")
+_RULE_FIELDS = attrgetter("enabled", "hyperparam")
+_DATA, _STATE, _GRAD = attrgetter("_data"), attrgetter("_state"), attrgetter("grad")
+_FIRST, _VELOCITY = itemgetter(0), itemgetter("v")
 #: The ways of Chainer's links to find their parameters that _link_tree knows.
 _NAMEDPARAMS = (chainer.Link.namedparams, chainer.Chain.namedparams, chainer.ChainList.namedparams)
 

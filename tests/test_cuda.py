@@ -55,6 +55,10 @@ LAYOUTS = {
     "0-d": ((), lambda a: a),
     "1-d": ((300,), lambda a: a),
     "1-d strided": ((600,), lambda a: a[1::2]),
+    # A view that starts past its parent's first element, and one element of
+    # stride 7: a group's table holds the address of the view's first element.
+    "1-d offset": ((310,), lambda a: a[10:]),
+    "one of stride 7": ((9,), lambda a: a[4::7]),
     "C": ((15, 20), lambda a: a),
     "F": ((20, 15), lambda a: a.T),
     "strided": ((15, 40), lambda a: a[:, ::2]),
@@ -479,9 +483,11 @@ def test_scale_all_takes_strided_pairs_one_by_one(with_rates, small_chunks, laun
         (np.float32, "1-d strided", "1-d"),
         (np.float16, "C", "F"),  # both contiguous, but not in the same order
         (np.float32, "C", "C"),
+        (np.float32, "1-d offset", "1-d offset"),
+        (np.float32, "one of stride 7", "one of stride 7"),
     ]
     run_scale_all(oracle, make_pairs(specs, seed=20), with_rates=with_rates)
-    # One group for the two float32 pairs; two launches for each other pair,
+    # One group for the four float32 pairs; two launches for each other pair,
     # which store its rate too.
     assert launches() == 2 + 4 * 2
 

@@ -35,7 +35,15 @@ DEVICE_LAYOUTS = {
     "C": lambda a: cuda.to_device(np.array(a, order="C")),
     "F": lambda a: cuda.to_device(np.array(a, order="F")),
     "strided": lambda a: strided_on_device(a),
+    "offset": lambda a: offset_on_device(a),
 }
+
+
+def offset_on_device(array):
+    """``array`` on the device as a contiguous view that starts past its parent's
+    first element: a group's address table holds the view's own address."""
+    parent = cuda.to_device(np.concatenate([np.zeros(3, array.dtype), array.ravel()]))
+    return parent[3:].reshape(array.shape)
 
 
 def strided_on_device(array):

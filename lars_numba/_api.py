@@ -553,6 +553,10 @@ class MomentumPlan:
         #: The rates of the last step run.
         self.rates = np.empty(len(with_master))
         self._written: tuple[np.ndarray, np.ndarray] | None = None
+        #: The kernel's calls of the first step, whose pairs were all contiguous,
+        #: with the flags the weights, velocities and masters share; None
+        #: until then, or for good if a pair was strided.
+        self._calls: tuple[list, np.ndarray] | None = None
 
     def __getstate__(self) -> None:
         raise TypeError(
@@ -564,7 +568,15 @@ class MomentumPlan:
         self, gs: list, g_rows: np.ndarray, hyper, skip_nonfinite: bool, parallel: bool
     ) -> bool:
         """The step with the checked gradients ``gs`` of rows ``g_rows``; whether it
-        was taken. The rates it found are :attr:`rates`."""
+        was taken. The rates it found are :attr:`rates`.
+
+        The kernel's calls are made at the first step and kept: a later step
+        only writes its gradients' addresses into them, if each gradient is
+        contiguous in an order its pair's other arrays share.
+        """
+        calls = self._calls_with(g_rows)
+        if calls is not None:
+            return _cpu.run_momentum(calls, [], hyper, self.rates, skip_nonfinite, parallel)
         return _cpu.momentum_many(
             {**self.columns, "gs": gs},
             {**self.rows, "gs": g_rows},
@@ -575,6 +587,24 @@ class MomentumPlan:
             skip_nonfinite,
             parallel,
         )
+
+    def _calls_with(self, g_rows: np.ndarray) -> list | None:
+        """The kept calls with the addresses of the gradients of rows ``g_rows``, or
+        None where they do not serve (see :meth:`run`)."""
+        if self._calls is None:
+            rows = {**self.rows, "gs": g_rows}
+            calls, contiguous, shared = _cpu.momentum_calls(rows, self.with_master, self.masks)
+            if not contiguous.all():
+                return None
+            self._calls = calls, shared
+            return calls
+        calls, shared = self._calls
+        orders = _layout.C_CONTIGUOUS | _layout.F_CONTIGUOUS
+        if not np.all(shared & g_rows[:, _layout.FLAGS] & orders):
+            return None
+        for _, addresses, _, _, _, members in calls:
+            addresses[:, _cpu.GRADIENTS] = g_rows[members, _layout.LOW]
+        return calls
 
     def restep(self, gs: list, hyper, skip_nonfinite: bool, parallel: bool) -> bool | None:
         """:func:`momentum_step` of the plan's arrays with the gradients ``gs``: whether

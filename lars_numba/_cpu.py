@@ -861,29 +861,58 @@ def momentum_many(
     have one, ``masters`` (of those pairs only, in order), ``rows`` their
     rows of :func:`lars_numba._layout.array_rows`, ``with_master`` which pairs
     have a master, and ``rates`` receives the rates. The contiguous pairs of
-    each combination of dtypes take one call of the many-pairs kernel; the
-    rare strided ones go through :func:`pair_rate` one by one. With
-    ``skip_nonfinite``, every pair's sums are taken first and the update pass
-    runs only if every gradient's sum of squares is finite.
+    each combination of dtypes take one call of the many-pairs kernel (see
+    :func:`momentum_calls`); the rare strided ones go through
+    :func:`pair_rate` one by one.
     """
-    pairs = len(columns["ws"])
+    calls, contiguous, _ = momentum_calls(rows, with_master, masks)
+    masters: list = [None] * len(columns["ws"])
+    for pair, master in zip(np.flatnonzero(with_master), columns.get("masters", ()), strict=True):
+        masters[pair] = master
+    strided = []
+    for pair in np.flatnonzero(~contiguous):
+        w, g, v = (columns[name][pair] for name in ("ws", "gs", "vs"))
+        arrays = (w, g, v) if masters[pair] is None else (masters[pair], g, v, w)
+        strided.append(
+            (
+                "momentum_master" if masters[pair] is not None else "momentum",
+                tuple(map(_layout.kernel_view, arrays)),
+                _rule.masked(hyper, *masks[pair]),
+                pair,
+            )
+        )
+    return run_momentum(calls, strided, hyper, rates, skip_nonfinite, parallel)
+
+
+#: The column of the gradients' addresses in a call of :func:`momentum_calls`.
+GRADIENTS = 1
+
+
+def momentum_calls(
+    rows: dict, with_master: np.ndarray, masks: np.ndarray
+) -> tuple[list, np.ndarray, np.ndarray]:
+    """The calls of the many-pairs kernel for the contiguous pairs of a momentum step,
+    which pairs are contiguous, and the flags that each pair's arrays other than
+    the gradient share.
+
+    ``rows`` holds the rows of ``ws``, ``gs``, ``vs`` and ``masters`` as for
+    :func:`momentum_many`. A call is ``(update, addresses, sizes, likes,
+    masks, members)``, for the pairs ``members`` of one combination of
+    dtypes; ``addresses[i]`` holds the addresses of the weights (or the
+    master), the gradient (column :data:`GRADIENTS`), the velocity and, with
+    a master, the weights.
+    """
     w_rows = rows["ws"]
     first = w_rows.copy()  # the rows of the arrays the rule reads as the weights
-    masters: list = [None] * pairs
-    pairs_with_master = np.flatnonzero(with_master)
-    for pair, master, row in zip(
-        pairs_with_master, columns.get("masters", ()), rows.get("masters", ()), strict=True
-    ):
-        masters[pair] = master
-        first[pair] = row
+    first[np.flatnonzero(with_master)] = rows.get("masters", first[:0])
     ordered = (first, rows["gs"], rows["vs"], w_rows)
-    both = np.bitwise_and.reduce([r[:, _layout.FLAGS] for r in ordered])
+    shared = first[:, _layout.FLAGS] & rows["vs"][:, _layout.FLAGS] & w_rows[:, _layout.FLAGS]
+    both = shared & rows["gs"][:, _layout.FLAGS]
     contiguous = both & (_layout.C_CONTIGUOUS | _layout.F_CONTIGUOUS) != 0
     kinds = np.column_stack([r[:, _layout.KIND] for r in ordered[:3]])
     keys = with_master * 64 + kinds @ np.array([16, 4, 1])
     addresses = np.column_stack([r[:, _layout.LOW] for r in ordered])
     sizes = w_rows[:, _layout.ARRAY_SIZE]
-
     calls = []
     for key in np.unique(keys[contiguous]):
         members = np.flatnonzero(contiguous & (keys == key))
@@ -902,18 +931,16 @@ def momentum_many(
                 members,
             )
         )
-    strided = []
-    for pair in np.flatnonzero(~contiguous):
-        w, g, v = (columns[name][pair] for name in ("ws", "gs", "vs"))
-        arrays = (w, g, v) if masters[pair] is None else (masters[pair], g, v, w)
-        strided.append(
-            (
-                "momentum_master" if masters[pair] is not None else "momentum",
-                tuple(map(_layout.kernel_view, arrays)),
-                _rule.masked(hyper, *masks[pair]),
-                pair,
-            )
-        )
+    return calls, contiguous, shared
+
+
+def run_momentum(
+    calls: list, strided: list, hyper, rates: np.ndarray, skip_nonfinite: bool, parallel: bool
+) -> bool:
+    """The step of :func:`momentum_calls`' ``calls`` and of the ``strided`` pairs;
+    whether it was taken. With ``skip_nonfinite``, every pair's sums are taken
+    first and the update pass runs only if every gradient's sum of squares is
+    finite."""
 
     def run(stage: int) -> bool:
         finite = True

@@ -142,6 +142,8 @@ else:
     from numba.cuda.extending import intrinsic, overload
     from numba.cuda.np.arrayobj import populate_array
 
+    _GLOBAL = 1  # NVVM's address space of global memory
+
     @intrinsic
     def view_at(typingctx, address, size, like):
         """The 1-d array of ``size`` elements of ``like``'s dtype at the device
@@ -166,8 +168,6 @@ else:
             return array._getvalue()
 
         return array_type(types.int64, types.intp, like), codegen
-
-    _GLOBAL = 1  # NVVM's address space of global memory
 
     def slot_arrays(arrays, slot, stop):
         """The arrays of the pair in ``slot`` of the group ``arrays``, as kernels index
@@ -717,11 +717,11 @@ def _make_plan(layout, masks: np.ndarray, stream, device) -> Plan:
                 first=int(firsts[i]),
             )
         )
-    columns = len(kernel_arrays(layout[0][0])) if layout else 0
+    columns = len(kernel_arrays(layout[0][0]))
     return Plan(
         groups=tuple(groups),
         rows=int(rows[-1]),
-        slots=max((len(pairs) for pairs, _ in members), default=0),
+        slots=max(len(pairs) for pairs, _ in members),
         addresses=int(firsts[-1]) * columns,
         last_use=[],
     )
@@ -775,7 +775,8 @@ def _views(columns, device) -> tuple[list, list]:
 
 
 def device_address(array) -> int:
-    """The device address of a device array's first element in memory (0 if none)."""
+    """The device address of a device array's element at index 0 (0 if it has none):
+    its first in memory where its strides are positive."""
     if config.ENABLE_CUDASIM:  # the simulator's device arrays hold host arrays
         return array._ary.ctypes.data
     return array.device_ctypes_pointer.value or 0
@@ -942,11 +943,7 @@ def momentum_step(
 
 def device_bounds(array) -> tuple[int, int]:
     """The byte range ``[low, high)`` of a device array's elements."""
-    if config.ENABLE_CUDASIM:  # the simulator's device arrays hold host arrays
-        array = array._ary
-        low = array.ctypes.data
-    else:
-        low = array.device_ctypes_pointer.value or 0
+    low = device_address(array)
     if array.size == 0:
         return low, low
     high = low + array.dtype.itemsize

@@ -549,6 +549,11 @@ class MomentumPlan:
         self, columns: dict, rows: dict, ids: dict, with_master: np.ndarray, masks: np.ndarray
     ):
         self.columns, self.rows, self.ids = columns, rows, ids
+        #: The ids and rows of the arrays, all plain, that restep reads again in
+        #: one call; None where an array is not plain.
+        self._kept: tuple[np.ndarray, np.ndarray] | None = None
+        if all(name_ids is not None for name_ids in ids.values()):
+            self._kept = np.concatenate(list(ids.values())), np.concatenate(list(rows.values()))
         self.with_master, self.masks = with_master, masks
         #: The rates of the last step run.
         self.rates = np.empty(len(with_master))
@@ -611,17 +616,17 @@ class MomentumPlan:
         the step was taken, or ``None``, before anything is written, if an array of
         the plan has changed since it was checked or ``gs`` are not what the call
         takes (:func:`momentum_plan` then says what is wrong)."""
-        ids = self.ids
-        if any(name_ids is None for name_ids in ids.values()) or len(gs) != len(self.masks):
+        if self._kept is None or len(gs) != len(self.masks):
             return None
         plain = _layout.plain_rows(gs)
         if plain is None:
             return None
         g_rows, g_ids = plain
-        w_ids = ids["ws"]
-        for name, name_ids in ids.items():
-            if not np.array_equal(_layout.rows_of_ids(name_ids), self.rows[name]):
-                return None
+        kept_ids, kept_rows = self._kept
+        if not np.array_equal(_layout.rows_of_ids(kept_ids), kept_rows):
+            return None
+        w_ids = self.ids["ws"]
+        for name, name_ids in self.ids.items():
             others = w_ids if name != "masters" else w_ids[self.with_master]
             if name != "ws" and _layout.first_shape_difference(name_ids, others) >= 0:
                 return None

@@ -11,6 +11,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable, Iterable
+from itertools import repeat
 from operator import attrgetter, is_, itemgetter
 
 import chainer
@@ -829,13 +830,12 @@ class _StepPlan:
             *group.members, strict=True
         )
         self.loss_scale = self.params[0]._loss_scale
-        # Compared as lists of tuples, a pass each: their objects compare by
-        # identity (Chainer defines no __eq__ on them), the flag and the loss
-        # scale (one for all, the plan's hyperparameters' key) by value.
+        # Compared as a list of tuples, in one pass: of each parameter its rule,
+        # the rule's flag and Hyperparameter (objects compared by identity:
+        # Chainer defines no __eq__ on them) and its loss scale (one for all,
+        # the plan's hyperparameters' key), by value.
         self.param_fields = list(map(_PARAM_FIELDS, self.params))
-        self.rule_fields = list(map(_RULE_FIELDS, self.rules))
         self.own_hyperparams = [vars(rule.hyperparam) for rule in self.rules]
-        self.states = [rule._state for rule in self.rules]
         hookables = [rule._hookable for rule in self.rules]
         self.hooks = [hooks._pre_update_hooks for hooks in hookables]
         self.hooks += [hooks._post_update_hooks for hooks in hookables]
@@ -869,24 +869,40 @@ class _StepPlan:
         """The parameters' gradients, if the model is as the plan found it."""
         if optimizer.target is not self.target or not all(map(_same_link, self.links)):
             return None
-        holds = (
-            list(map(_PARAM_FIELDS, self.params)) == self.param_fields
-            and list(map(_RULE_FIELDS, self.rules)) == self.rule_fields
-            and all(map(is_, map(_FIRST, map(_DATA, self.params)), self.ws))
-            and set(map(len, self.own_hyperparams)) == {1}  # the parent's reference alone
-            and all(map(is_, map(_STATE, self.rules), self.states))
-            and all(map(is_, map(_VELOCITY, self.states), self.vs))
-            and not any(self.hooks)  # every dict of hooks empty
-            and all(_same_master(rule, master) for rule, master in self.halves)
-        )
-        # Chainer's property, which raises for a gradient that is not valid.
-        return list(map(_GRAD, self.params)) if holds else None
+        params = self.params
+        try:
+            holds = (
+                list(map(_PARAM_FIELDS, params)) == self.param_fields
+                and all(map(is_, map(_FIRST, map(_DATA, params)), self.ws))
+                and set(map(len, self.own_hyperparams)) == {1}  # the parent's reference alone
+                and all(map(is_, map(_VELOCITY, map(_STATE, self.rules)), self.vs))
+                and not any(self.hooks)  # every dict of hooks empty
+                and all(_same_master(rule, master) for rule, master in self.halves)
+            )
+        except (AttributeError, TypeError, KeyError):  # no rule, no state, no "v"
+            return None
+        if not holds:
+            return None
+        # What Chainer's grad property returns, read from the fields it reads
+        # (in half its time): the array of the gradient's variable if there is
+        # one (backward leaves them), else the array set as the gradient. Its
+        # checks passed at the walk that made the plan, for good: Chainer
+        # never makes a parameter's gradient invalid again, nor changes its
+        # layout, and the arrays are still NumPy's, not ChainerX's.
+        grad_vars = list(map(_GRAD_VAR, params))
+        if all(map(is_, grad_vars, repeat(None))):
+            return list(map(_GRAD_ARRAY, params))
+        if not any(map(is_, grad_vars, repeat(None))):
+            return list(map(_FIRST, map(_DATA, grad_vars)))
+        return list(map(_GRAD, params))
 
 
-#: What :class:`_StepPlan` compares of each parameter and each rule, in one pass each.
-_PARAM_FIELDS = attrgetter("update_rule", "_loss_scale")
-_RULE_FIELDS = attrgetter("enabled", "hyperparam")
+#: What :class:`_StepPlan` compares of each parameter, in one pass.
+_PARAM_FIELDS = attrgetter(
+    "update_rule", "update_rule.enabled", "update_rule.hyperparam", "_loss_scale"
+)
 _DATA, _STATE, _GRAD = attrgetter("_data"), attrgetter("_state"), attrgetter("grad")
+_GRAD_VAR, _GRAD_ARRAY = attrgetter("_grad_var"), attrgetter("_grad")
 _FIRST, _VELOCITY = itemgetter(0), itemgetter("v")
 #: The ways of Chainer's links to find their parameters that _link_tree knows.
 _NAMEDPARAMS = (chainer.Link.namedparams, chainer.Chain.namedparams, chainer.ChainList.namedparams)

@@ -700,6 +700,30 @@ def test_a_gradient_set_to_none_is_a_zero_gradient():
         assert not param.grad.any(), path
 
 
+@pytest.mark.parametrize("replaced", [False, True], ids=["as set", "array replaced"])
+@pytest.mark.parametrize("held", ["every one", "one"])
+def test_gradients_held_by_variables_are_read_as_chainer_reads_them(held, replaced):
+    """Gradients held by variables (as backward leaves them), of every parameter or
+    of one; with ``replaced``, the array of one of the variables was replaced after
+    it was set: the kept plan steps with what Chainer's ``grad`` property returns,
+    as the walk does."""
+    runs = warmed_twins(flat_link)
+    plan = runs[0].plan
+    for run in runs:
+        set_grads(run.model, 2)
+        params = dict(run.model.namedparams())
+        for path in params if held == "every one" else ["/mat"]:
+            params[path].grad_var = chainer.Variable(params[path].grad.copy())
+        if replaced:
+            params["/mat"].grad_var.array = np.full((3, 4), -3.0, np.float32)
+            assert params["/mat"]._grad is not params["/mat"].grad  # the trap
+    before = state(runs[0].model)
+    update_both(runs, None)
+    assert runs[0].plan is plan
+    assert_twins_equal(*runs)
+    assert_moved(before, state(runs[0].model), ["/mat", "/other", "/vec"])
+
+
 def test_gradients_of_other_layouts_give_the_same_step():
     """Fortran-order, strided and reversed gradients: the values of C-order ones."""
     runs = warmed_twins(flat_link)

@@ -1,5 +1,6 @@
 """``python -m lars_numba {demo,bench}``: the training demo or the benchmark table
-(``bench --gpu``: the GPU table)."""
+(``bench --gpu``: the GPU table; ``bench --host``: the host's share of a GPU
+call, on stand-ins)."""
 
 import sys
 
@@ -13,6 +14,10 @@ def main(argv: list[str] | None = None) -> None:
         from .demo import main as run
     elif options[:1] == ["--gpu"]:
         from .bench_gpu import main as run
+
+        options = options[1:]
+    elif options[:1] == ["--host"]:
+        from .bench_host import main as run
 
         options = options[1:]
     else:

@@ -12,6 +12,10 @@ on the first such call so that ``import lars_numba`` does not load
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from itertools import repeat
+from operator import attrgetter
+
 import numpy as np
 
 from . import _cpu, _layout, _rule
@@ -110,20 +114,19 @@ def _device_arrays(w, g, *, writes_g: bool, names: tuple[str, str] = ("w", "g"))
     """
     gpu = _gpu_module()
     # An object that is no array at all is left for check_pair to name.
-    (w_device, w_stream), (g_device, g_stream) = (
-        gpu.as_device_array(a) if on_gpu(a) else (a, None) for a in (w, g)
+    (w_device, w_stream, _), (g_device, g_stream, g_read_only) = (
+        gpu.as_device_array(a) if on_gpu(a) else (a, None, False) for a in (w, g)
     )
     check_pair(w_device, g_device, writes_g=False, names=names)
-    if writes_g:
-        _refuse_read_only_interface(names[1], g)
+    if writes_g and g_read_only:
+        _refuse_read_only(names[1])
     return w_device, g_device, (g_stream, w_stream)
 
 
-def _refuse_read_only_interface(name: str, array: object) -> None:
-    """A device array has no writeable flag; its ``__cuda_array_interface__`` may say read-only."""
-    interface = getattr(array, "__cuda_array_interface__", None)
-    if interface is not None and interface["data"][1]:
-        raise ValueError(f"{name} must be writeable; got a read-only array")
+def _refuse_read_only(name: str) -> None:
+    """Raise for a device array whose ``__cuda_array_interface__`` says it is
+    read-only (a device array has no writeable flag)."""
+    raise ValueError(f"{name} must be writeable; got a read-only array")
 
 
 def _device_name(array: object) -> str:
@@ -202,33 +205,62 @@ def scale_all(
     if set(map(type, arrays)) == {np.ndarray} or not any(map(on_gpu, arrays)):
         _scale_all_cpu(ws, gs, hyper, masks, rates, parallel)
         return
-    # The name "rates" is unused when rates is None: zip stops at the arrays.
-    _refuse_both_kinds(list(zip(_layout.pair_names(len(ws), rates=True), arrays, strict=False)))
+    _refuse_both_kinds(arrays, lambda index: _layout.pair_names(len(ws), rates=True)[index])
     gpu = _gpu_module()
+    w_devices, g_devices, handles = _device_pairs(gpu, ws, gs)
+    if rates is not None:
+        # An object that is no array at all is left for _check_rates to name.
+        rates, rates_stream, read_only = (
+            gpu.as_device_array(rates) if on_gpu(rates) else (rates, None, False)
+        )
+        if read_only:
+            _refuse_read_only("rates")
+        _check_rates(rates, len(ws))
+        handles.append(rates_stream)
+    streams = gpu.caller_streams(handles)
+    gpu.scale_all(w_devices, g_devices, hyper, masks, rates, streams)
+
+
+def _device_pairs(gpu, ws: list, gs: list) -> tuple[list, list, list]:
+    """``scale_all``'s pairs as Numba device arrays, after the checks of
+    :func:`check_pair`, and the streams of their interfaces, each pair's ``g``'s
+    first (see :func:`_device_arrays`)."""
+    if not ws:
+        return [], [], []
+    if all(map(on_gpu, ws)) and all(map(on_gpu, gs)):
+        # The common case, checked a column at a time; anything wrong takes the
+        # checks pair by pair below, which say what.
+        w_devices, w_streams, _ = zip(*map(gpu.as_device_array, ws), strict=True)
+        g_devices, g_streams, g_read_only = zip(*map(gpu.as_device_array, gs), strict=True)
+        w_dtypes = list(map(_DTYPE, w_devices))
+        if (
+            all(map(_FLOAT_DTYPES.__contains__, w_dtypes))
+            and list(map(_DTYPE, g_devices)) == w_dtypes
+            and list(map(_SHAPE, g_devices)) == list(map(_SHAPE, w_devices))
+            and not any(g_read_only)
+        ):
+            handles = [handle for pair in zip(g_streams, w_streams, strict=True) for handle in pair]
+            return list(w_devices), list(g_devices), handles
     pairs = [
         _device_arrays(w, g, writes_g=True, names=(f"ws[{i}]", f"gs[{i}]"))
         for i, (w, g) in enumerate(zip(ws, gs, strict=True))
     ]
     handles = [handle for _, _, pair_handles in pairs for handle in pair_handles]
-    if rates is not None:
-        _refuse_read_only_interface("rates", rates)
-        # An object that is no array at all is left for _check_rates to name.
-        rates, rates_stream = gpu.as_device_array(rates) if on_gpu(rates) else (rates, None)
-        _check_rates(rates, len(ws))
-        handles.append(rates_stream)
-    streams = gpu.caller_streams(handles)
-    gpu.scale_all([p[0] for p in pairs], [p[1] for p in pairs], hyper, masks, rates, streams)
+    return [pair[0] for pair in pairs], [pair[1] for pair in pairs], handles
 
 
-def _refuse_both_kinds(placed: list[tuple[str, object]]) -> None:
-    """Raise if the arrays of a call that has a CUDA array, ``(name, array)``, hold a
-    NumPy array too, naming one of each."""
-    cpu = next((name for name, array in placed if isinstance(array, np.ndarray)), None)
-    if cpu is not None:
-        gpu = next(name for name, array in placed if on_gpu(array))
+_DTYPE, _SHAPE = attrgetter("dtype"), attrgetter("shape")
+
+
+def _refuse_both_kinds(arrays: Sequence, name: Callable[[int], str]) -> None:
+    """Raise if ``arrays``, those of a call that has a CUDA array, hold a NumPy array
+    too, naming one of each by its index (``name`` is called only then)."""
+    if any(map(isinstance, arrays, repeat(np.ndarray))):
+        cpu = next(i for i, array in enumerate(arrays) if isinstance(array, np.ndarray))
+        gpu = next(i for i, array in enumerate(arrays) if on_gpu(array))
         raise TypeError(
             "the arrays must all be NumPy arrays or all CUDA arrays; "
-            f"got {cpu} on the CPU and {gpu} on the GPU"
+            f"got {name(cpu)} on the CPU and {name(gpu)} on the GPU"
         )
 
 
@@ -449,42 +481,150 @@ def _momentum_step_gpu(
     gives them: the checks of the NumPy path, then the step enqueued on the
     caller's stream."""
     pairs = len(columns["ws"])
-    placed = [
-        (f"{name}[{i}]", array)
-        for name, arrays in columns.items()
-        for i, array in enumerate(arrays)
-        if array is not None
-    ]
-    placed += [("rates", rates), ("nonfinite", nonfinite)]
-    _refuse_both_kinds(placed)
+    everything = {**columns, "rates": [rates], "nonfinite": [nonfinite]}
+    _refuse_both_kinds(
+        [array for arrays in everything.values() for array in arrays if array is not None],
+        lambda index: _label_of(everything, index),
+    )
     gpu = _gpu_module()
-    handles, labels, devices = [], [], []
-
-    def device_array(label: str, array: object, written: bool):
+    # The gradients first: as for scale_all, the launch stream is the first
+    # stream named, unless CuPy's current stream is (see caller_streams).
+    order = sorted(columns, key=lambda name: name != "gs")
+    checked = _momentum_devices(gpu, {name: columns[name] for name in order})
+    if checked is None:
+        checked = _checked_momentum_devices(gpu, {name: columns[name] for name in order})
+    on_device, handles = checked
+    for name, array in (("rates", rates), ("nonfinite", nonfinite)):
+        if array is None:
+            continue
         if not on_gpu(array):
-            _check_array(label, array)  # names the object that is no array
-        device, stream = gpu.as_device_array(array)
-        if written:
-            _refuse_read_only_interface(label, array)
+            _check_array(name, array)  # names the object that is no array
+        device, stream, read_only = gpu.as_device_array(array)
+        if read_only:
+            _refuse_read_only(name)
         handles.append(stream)
-        labels.append((label, written))
-        devices.append(device)
-        return device
+        on_device[name] = [device]
+        if name == "rates":
+            rates = device
+            _check_rates(rates, pairs)
+        else:
+            nonfinite = device
+            if nonfinite.dtype != np.bool_ or nonfinite.shape != (1,):
+                raise TypeError(
+                    "nonfinite must be a bool CUDA array of shape (1,); "
+                    f"got {nonfinite.dtype} of shape {nonfinite.shape}"
+                )
+    devices = [array for arrays in on_device.values() for array in arrays if array is not None]
+    bounds = gpu.device_bounds_of(devices)
+    written = np.ones(len(devices), bool)
+    written[:pairs] = False  # the gradients, first
+    first, second = _layout.first_overlap(
+        bounds[:, 0], bounds[:, 1], np.arange(len(bounds)), written
+    )
+    if first >= 0:
+        raise ValueError(
+            f"{_label_of(on_device, min(first, second))} and "
+            f"{_label_of(on_device, max(first, second))} overlap in memory; an array that "
+            "is written must not overlap any other array of the call"
+        )
+    masters = on_device.get("masters", [None] * pairs)
+    steps = [
+        (w, g, v) if master is None else (master, g, v, w)
+        for w, g, v, master in zip(
+            on_device["ws"], on_device["gs"], on_device["vs"], masters, strict=True
+        )
+    ]
+    gpu.momentum_step(
+        steps, hyper, masks, rates, gpu.caller_streams(handles), skip_nonfinite, nonfinite
+    )
 
-    # The gradients' streams first: as for scale_all, the launch stream is the
-    # first stream named, unless CuPy's current stream is (see caller_streams).
-    on_device = {
-        name: [
-            None if array is None else device_array(f"{name}[{i}]", array, name != "gs")
-            for i, array in enumerate(columns[name])
-        ]
-        for name in sorted(columns, key=lambda name: name != "gs")
+
+def _label_of(columns: dict[str, list], index: int) -> str:
+    """How the messages name the array at ``index`` of the arrays of ``columns``, by
+    name in order, those that are None left out: ``name[i]``, or ``name`` for
+    ``rates`` and ``nonfinite``."""
+    for name, arrays in columns.items():
+        present = [i for i, array in enumerate(arrays) if array is not None]
+        if index < len(present):
+            return name if name in ("rates", "nonfinite") else f"{name}[{present[index]}]"
+        index -= len(present)
+    raise IndexError(index)
+
+
+def _momentum_devices(gpu, columns: dict[str, list]) -> tuple[dict, list] | None:
+    """The arrays of ``columns`` (a GPU ``momentum_step``'s, the gradients first) as
+    Numba device arrays by name (``None`` where ``masters`` has no entry) and
+    their interfaces' streams, if each is a CUDA array of the dtype and shape
+    the step takes, not read-only if it is written; None otherwise.
+
+    A column at a time, for the common case; :func:`_checked_momentum_devices`
+    says what is wrong.
+    """
+    on_device, handles = {}, []
+    for name, arrays in columns.items():
+        present = [array for array in arrays if array is not None]
+        if not all(map(on_gpu, present)):
+            return None
+        devices, streams, read_only = [], [], []
+        if present:
+            devices, streams, read_only = zip(*map(gpu.as_device_array, present), strict=True)
+        if (name != "gs" and any(read_only)) or not all(
+            map(_FLOAT_DTYPES.__contains__, map(_DTYPE, devices))
+        ):
+            return None
+        handles += streams
+        found = iter(devices)
+        on_device[name] = [None if array is None else next(found) for array in arrays]
+    ws = on_device["ws"]
+    w_dtypes, w_shapes = list(map(_DTYPE, ws)), list(map(_SHAPE, ws))
+    masters = on_device.get("masters", [None] * len(ws))
+    wanted = {
+        "gs": w_dtypes,
+        "vs": [
+            _FLOAT32_DTYPE if master is not None or dtype == _FLOAT16_DTYPE else dtype
+            for dtype, master in zip(w_dtypes, masters, strict=True)
+        ],
     }
+    for name, dtypes in wanted.items():
+        arrays = on_device[name]
+        if list(map(_DTYPE, arrays)) != dtypes or list(map(_SHAPE, arrays)) != w_shapes:
+            return None
+    if not all(
+        master.dtype == _FLOAT32_DTYPE and master.shape == shape
+        for master, shape in zip(masters, w_shapes, strict=True)
+        if master is not None
+    ):
+        return None
+    return on_device, handles
+
+
+_FLOAT16_DTYPE, _FLOAT32_DTYPE = _FLOAT_DTYPES[:2]
+
+
+def _checked_momentum_devices(gpu, columns: dict[str, list]) -> tuple[dict, list]:
+    """What :func:`_momentum_devices` gives, the arrays checked one by one: raises,
+    naming the first array that is not as the step takes it."""
+    handles = []
+    on_device = {}
+    for name, arrays in columns.items():
+        on_device[name] = []
+        for i, array in enumerate(arrays):
+            if array is None:
+                on_device[name].append(None)
+                continue
+            label = f"{name}[{i}]"
+            if not on_gpu(array):
+                _check_array(label, array)  # names the object that is no array
+            device, stream, read_only = gpu.as_device_array(array)
+            if read_only and name != "gs":
+                _refuse_read_only(label)
+            handles.append(stream)
+            on_device[name].append(device)
     for name, arrays in on_device.items():
         for i, array in enumerate(arrays):
             if array is not None:
                 _check_array(f"{name}[{i}]", array)
-    masters = on_device.get("masters", [None] * pairs)
+    masters = on_device.get("masters", [None] * len(on_device["ws"]))
     for i, (w, master) in enumerate(zip(on_device["ws"], masters, strict=True)):
         velocity = np.dtype(np.float32 if master is not None or w.dtype == np.float16 else w.dtype)
         wanted = {
@@ -506,35 +646,7 @@ def _momentum_step_gpu(
                 raise ValueError(
                     f"{name}[{i}] must have the shape of ws[{i}], {w.shape}; got {array.shape}"
                 )
-    if rates is not None:
-        rates = device_array("rates", rates, True)
-        _check_rates(rates, pairs)
-    if nonfinite is not None:
-        nonfinite = device_array("nonfinite", nonfinite, True)
-        if nonfinite.dtype != np.bool_ or nonfinite.shape != (1,):
-            raise TypeError(
-                "nonfinite must be a bool CUDA array of shape (1,); "
-                f"got {nonfinite.dtype} of shape {nonfinite.shape}"
-            )
-    bounds = np.array([gpu.device_bounds(array) for array in devices], np.int64).reshape(-1, 2)
-    written = np.array([is_written for _, is_written in labels], bool)
-    first, second = _layout.first_overlap(
-        bounds[:, 0], bounds[:, 1], np.arange(len(bounds)), written
-    )
-    if first >= 0:
-        raise ValueError(
-            f"{labels[min(first, second)][0]} and {labels[max(first, second)][0]} overlap in "
-            "memory; an array that is written must not overlap any other array of the call"
-        )
-    steps = [
-        (w, g, v) if master is None else (master, g, v, w)
-        for w, g, v, master in zip(
-            on_device["ws"], on_device["gs"], on_device["vs"], masters, strict=True
-        )
-    ]
-    gpu.momentum_step(
-        steps, hyper, masks, rates, gpu.caller_streams(handles), skip_nonfinite, nonfinite
-    )
+    return on_device, handles
 
 
 class MomentumPlan:

@@ -57,6 +57,9 @@ import math
 import sys
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
+from itertools import chain
+from operator import attrgetter, itemgetter
 from typing import NamedTuple
 
 import numpy as np
@@ -448,20 +451,26 @@ UPDATE_OF_ARITY = {update.arrays: name for name, update in _rule.UPDATES.items()
 
 
 def as_device_array(array) -> tuple:
-    """``array`` as a Numba device array over the same memory, and its interface's stream.
+    """``array`` as a Numba device array over the same memory, its interface's
+    stream and whether its interface says it is read-only.
 
     No copy, no synchronization. Numba's own device arrays (the simulator's
-    included) pass through, with no stream; any other object is read through
-    its ``__cuda_array_interface__``, once, and its ``stream`` entry (``None``
-    when unset) comes back for :func:`caller_streams`.
+    included) pass through, with no stream, writeable; any other object is
+    read through its ``__cuda_array_interface__``, once, and its ``stream``
+    entry (``None`` when unset) comes back for :func:`caller_streams`.
     """
     if getattr(array, "__cuda_ndarray__", False):
-        return array, None
+        return array, None, False
     interface = array.__cuda_array_interface__
+    return from_interface(interface, array), interface.get("stream"), bool(interface["data"][1])
+
+
+def from_interface(interface: dict, owner: object):
+    """A Numba device array over the memory that ``interface``, ``owner``'s
+    ``__cuda_array_interface__``, describes."""
     # No synchronization on the interface's stream: the launch stream waits
     # for it on the device (see ``caller_streams``).
-    device_array = cuda.from_cuda_array_interface(interface, owner=array, sync=False)
-    return device_array, interface.get("stream")
+    return cuda.from_cuda_array_interface(interface, owner=owner, sync=False)
 
 
 class Streams(NamedTuple):
@@ -759,41 +768,65 @@ def _views(columns, device) -> tuple[list, list]:
     :func:`slot_arrays`), so no view is made. A zero-size pair is the
     zero-size padding.
     """
+    # Read from the objects' fields: a device array's flags property copies
+    # a dict, a third of the time per pair.
+    flags_of = _SIMULATED_FLAGS if config.ENABLE_CUDASIM else _DEVICE_FLAGS
     views = []
     layout = []
     for arrays in columns:
         size = arrays[0].size
         if size == 0:
             arrays = tuple(_empty_array(device, array.dtype) for array in arrays)
-        flat = size <= 1 or any(
-            all(array.flags[order] for array in arrays)
-            for order in ("C_CONTIGUOUS", "F_CONTIGUOUS")
-        )
-        layout.append((tuple(array.dtype for array in arrays), size, flat))
+        flat = size <= 1
+        if not flat:
+            flags = list(map(flags_of, arrays))
+            flat = all(map(_C_CONTIGUOUS, flags)) or all(map(_F_CONTIGUOUS, flags))
+        layout.append((tuple(map(_DTYPE, arrays)), size, flat))
         views.append(arrays)
     return views, layout
+
+
+_SIMULATED_FLAGS, _DEVICE_FLAGS = attrgetter("flags"), attrgetter("_dummy.flags")
+_C_CONTIGUOUS, _F_CONTIGUOUS = itemgetter("C_CONTIGUOUS"), itemgetter("F_CONTIGUOUS")
+_DTYPE = attrgetter("dtype")
 
 
 def device_address(array) -> int:
     """The device address of a device array's element at index 0 (0 if it has none):
     its first in memory where its strides are positive."""
+    (address,) = device_addresses((array,))
+    return address
+
+
+def device_addresses(arrays: Iterable) -> list[int]:
+    """:func:`device_address` of each of ``arrays``."""
     if config.ENABLE_CUDASIM:  # the simulator's device arrays hold host arrays
-        return array._ary.ctypes.data
-    return array.device_ctypes_pointer.value or 0
+        return [array._ary.ctypes.data for array in arrays]
+    # What their device_ctypes_pointer holds, without the ctypes objects (a
+    # quarter of the time). Numba gives every device array a pointer, a null
+    # one where it has no elements.
+    return list(map(int, map(_DEVICE_POINTER, arrays)))
+
+
+_DEVICE_POINTER = attrgetter("gpu_data.device_pointer")
+
+
+def address_rows(pairs: list) -> np.ndarray:
+    """The device addresses of each pair's arrays as the kernels take them (see
+    :func:`kernel_arrays`), a row per pair."""
+    addresses = device_addresses(chain.from_iterable(map(kernel_arrays, pairs)))
+    return np.array(addresses, np.int64).reshape(len(pairs), -1)
 
 
 def _address_table(plan: Plan, views: list, scratch: Scratch):
     """The addresses of the flat groups' arrays, a row per pair in the order of the
     plan's groups, copied to the scratch on its stream; None if there are none."""
-    rows = [
-        [device_address(array) for array in kernel_arrays(views[pair])]
-        for group in plan.groups
-        if group.likes is not None
-        for pair in group.pairs
+    pairs = [
+        views[pair] for group in plan.groups if group.likes is not None for pair in group.pairs
     ]
-    if not rows:
+    if not pairs:
         return None
-    host = np.array(rows, np.int64)
+    host = address_rows(pairs)
     # From pageable memory the copy has taken the rows when it returns; on
     # the stream it runs after the kernels queued before, which may still
     # read the previous call's table.
@@ -857,22 +890,11 @@ def _launch(
         for sums, updates in ((True, False), (False, update)) if skip else ((True, update),):
             for group, arrays, launch in groups:
                 if sums:
-                    sums_of_chunks[launch](
-                        arrays,
-                        group.chunks,
-                        scratch.sums,
-                        group.base,
-                        scratch.ticket,
-                        hyper,
-                        flag,
-                    )
+                    sums_of_chunks[launch](*sums_arguments(group, arrays, scratch, hyper, flag))
                 if updates:
-                    kernel = UPDATE_KERNELS[group.update][launch[:3]]
-                    arguments = (arrays, group.chunks, scratch.sums, group.base, hyper, stored)
-                    if group.update == "scale":
-                        kernel(*arguments)
-                    else:
-                        kernel(*arguments, flag, skip)
+                    UPDATE_KERNELS[group.update][launch[:3]](
+                        *update_arguments(group, arrays, scratch, hyper, stored, flag, skip)
+                    )
         totals = None
         if not update:
             group = plan.groups[0]
@@ -881,6 +903,20 @@ def _launch(
         scratch.event.record(scratch.stream)
         plan.last_use[:] = [scratch.event]
     return scratch.stream, totals
+
+
+def sums_arguments(group: Group, arrays: tuple, scratch: Scratch, hyper, flag) -> tuple:
+    """The arguments of :func:`sums_of_chunks` for ``group``, whose arrays are
+    ``arrays`` (see :func:`_group_arrays`)."""
+    return (arrays, group.chunks, scratch.sums, group.base, scratch.ticket, hyper, flag)
+
+
+def update_arguments(
+    group: Group, arrays: tuple, scratch: Scratch, hyper, rates, flag, skip: bool
+) -> tuple:
+    """The arguments of ``group``'s update kernel (see :data:`UPDATE_KERNELS`)."""
+    arguments = (arrays, group.chunks, scratch.sums, group.base, hyper, rates)
+    return arguments if group.update == "scale" else (*arguments, flag, skip)
 
 
 #: A flag's value before the sums: every gradient finite.
@@ -941,13 +977,26 @@ def momentum_step(
         _launch(columns, hyper, masks, rates, streams, True, skip, nonfinite)
 
 
-def device_bounds(array) -> tuple[int, int]:
-    """The byte range ``[low, high)`` of a device array's elements."""
-    low = device_address(array)
-    if array.size == 0:
-        return low, low
-    high = low + array.dtype.itemsize
-    for extent, stride in zip(array.shape, array.strides, strict=True):
-        reach = stride * (extent - 1)
-        low, high = (low + reach, high) if reach < 0 else (low, high + reach)
-    return low, high
+def device_bounds_of(arrays: list) -> np.ndarray:
+    """The byte range ``[low, high)`` of each device array's elements, a row each."""
+    lows = np.array(device_addresses(arrays), np.int64)
+    bounds = np.stack([lows, lows + np.fromiter(map(_NBYTES, arrays), np.int64, len(arrays))], 1)
+    # Right where the strides are positive, as they are in a contiguous array;
+    # the others' ranges are found from their strides.
+    flags = list(map(_SIMULATED_FLAGS if config.ENABLE_CUDASIM else _DEVICE_FLAGS, arrays))
+    for index in np.flatnonzero(
+        ~np.fromiter(map(_C_CONTIGUOUS, flags), bool, len(arrays))
+        & ~np.fromiter(map(_F_CONTIGUOUS, flags), bool, len(arrays))
+    ):
+        array = arrays[index]
+        low = high = int(lows[index])
+        if array.size:
+            high += array.dtype.itemsize
+            for extent, stride in zip(array.shape, array.strides, strict=True):
+                reach = stride * (extent - 1)
+                low, high = (low + reach, high) if reach < 0 else (low, high + reach)
+        bounds[index] = low, high
+    return bounds
+
+
+_NBYTES = attrgetter("nbytes")

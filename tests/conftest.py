@@ -27,7 +27,7 @@ class Foreign:
 
     It wraps a Numba device array, as numba-cuda's own tests fake a foreign
     array. The simulator's arrays have no interface, so there it describes the
-    wrapped array with a null pointer and ``as_device_array`` is patched to
+    wrapped array with a null pointer and ``from_interface`` is patched to
     unwrap it.
     """
 
@@ -57,11 +57,13 @@ def foreign(monkeypatch):
     from lars_numba import _cuda
 
     if _simulator():
-        original = _cuda.as_device_array
+        original = _cuda.from_interface
         monkeypatch.setattr(
             _cuda,
-            "as_device_array",
-            lambda a: (a.array, a.stream) if isinstance(a, Foreign) else original(a),
+            "from_interface",
+            lambda interface, owner: (
+                owner.array if isinstance(owner, Foreign) else original(interface, owner)
+            ),
         )
     return Foreign
 

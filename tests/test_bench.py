@@ -2,6 +2,7 @@
 
 import contextlib
 import importlib.util
+import os
 import shutil
 import subprocess
 import warnings
@@ -110,3 +111,30 @@ def test_ci_gpu_says_there_is_no_gpu_and_succeeds(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "no NVIDIA GPU on this machine" in result.stdout
+
+
+def test_the_host_table_times_every_stage_of_both_calls_on_stand_ins(capfd):
+    # This process runs the simulator: the table takes a process of its own.
+    from lars_numba import __main__
+
+    assert os.environ["NUMBA_ENABLE_CUDASIM"] == "1"
+    with pytest.raises(SystemExit) as finished:
+        __main__.main(["bench", "--host", "--rounds", "1"])
+    out, err = capfd.readouterr()
+    assert finished.value.code == 0, err[-3000:]
+    tables = out.split("\n\n")[1:]
+    assert [table.splitlines()[0] for table in tables] == ["scale_all", "momentum_step"]
+    for table in tables:
+        rows = [line.rsplit(None, 1) for line in table.splitlines()[2:]]
+        stages = {stage: float(us) for stage, us in rows}
+        assert list(stages) == [
+            "checks (lars_numba._api)",
+            "layout of the pairs",
+            "address table's rows",
+            "typing and packing, sums launch",
+            "typing and packing, update launch",
+            "total, before the driver's launches",
+        ]
+        total = stages.pop("total, before the driver's launches")
+        assert all(us > 0 for us in stages.values())
+        assert total == pytest.approx(sum(stages.values()), abs=len(stages))  # whole us

@@ -225,13 +225,11 @@ def _device_pairs(gpu, ws: list, gs: list) -> tuple[list, list, list]:
     """``scale_all``'s pairs as Numba device arrays, after the checks of
     :func:`check_pair`, and the streams of their interfaces, each pair's ``g``'s
     first (see :func:`_device_arrays`)."""
-    if not ws:
-        return [], [], []
-    if all(map(on_gpu, ws)) and all(map(on_gpu, gs)):
+    w_column, g_column = _device_column(gpu, ws), _device_column(gpu, gs)
+    if w_column is not None and g_column is not None:
         # The common case, checked a column at a time; anything wrong takes the
         # checks pair by pair below, which say what.
-        w_devices, w_streams, _ = zip(*map(gpu.as_device_array, ws), strict=True)
-        g_devices, g_streams, g_read_only = zip(*map(gpu.as_device_array, gs), strict=True)
+        (w_devices, w_streams, _), (g_devices, g_streams, g_read_only) = w_column, g_column
         w_dtypes = list(map(_DTYPE, w_devices))
         if (
             all(map(_FLOAT_DTYPES.__contains__, w_dtypes))
@@ -250,6 +248,19 @@ def _device_pairs(gpu, ws: list, gs: list) -> tuple[list, list, list]:
 
 
 _DTYPE, _SHAPE = attrgetter("dtype"), attrgetter("shape")
+
+
+def _device_column(gpu, arrays: list) -> tuple[list, list, list] | None:
+    """:func:`lars_numba._cuda.as_device_array` of each of ``arrays``, as their lists
+    of device arrays, streams and read-only flags; None if one of them is not a
+    CUDA array."""
+    if all(getattr(kind, "__cuda_ndarray__", False) for kind in set(map(type, arrays))):
+        # Numba's own, which it passes through, told apart by their types.
+        return arrays, [None] * len(arrays), [False] * len(arrays)
+    if not all(map(on_gpu, arrays)):
+        return None
+    converted = list(map(gpu.as_device_array, arrays))
+    return [c[0] for c in converted], [c[1] for c in converted], [c[2] for c in converted]
 
 
 def _refuse_both_kinds(arrays: Sequence, name: Callable[[int], str]) -> None:
@@ -562,12 +573,10 @@ def _momentum_devices(gpu, columns: dict[str, list]) -> tuple[dict, list] | None
     """
     on_device, handles = {}, []
     for name, arrays in columns.items():
-        present = [array for array in arrays if array is not None]
-        if not all(map(on_gpu, present)):
+        column = _device_column(gpu, [array for array in arrays if array is not None])
+        if column is None:
             return None
-        devices, streams, read_only = [], [], []
-        if present:
-            devices, streams, read_only = zip(*map(gpu.as_device_array, present), strict=True)
+        devices, streams, read_only = column
         if (name != "gs" and any(read_only)) or not all(
             map(_FLOAT_DTYPES.__contains__, map(_DTYPE, devices))
         ):

@@ -13,7 +13,7 @@ on the first such call so that ``import lars_numba`` does not load
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from itertools import repeat
+from itertools import chain, repeat
 from operator import attrgetter
 
 import numpy as np
@@ -375,7 +375,7 @@ def momentum_step(
     if clip:
         hyper = _rule.clipped_at_lr(hyper)
     columns = _step_columns(ws, gs, vs, masters)
-    arrays = [*(a for column in columns.values() for a in column), rates, nonfinite]
+    arrays = [*chain.from_iterable(columns.values()), rates, nonfinite]
     # NumPy arrays, the common case, are told apart without a Python call per array.
     if not set(map(type, arrays)) <= _HOST_TYPES and any(map(on_gpu, arrays)):
         masks = pair_masks(len(columns["ws"]), weight_decay_mask, trust_ratio_mask)
@@ -582,8 +582,10 @@ def _momentum_devices(gpu, columns: dict[str, list]) -> tuple[dict, list] | None
         ):
             return None
         handles += streams
-        found = iter(devices)
-        on_device[name] = [None if array is None else next(found) for array in arrays]
+        on_device[name] = list(devices)
+        if len(devices) < len(arrays):  # masters without an entry for every pair
+            found = iter(devices)
+            on_device[name] = [None if array is None else next(found) for array in arrays]
     ws = on_device["ws"]
     w_dtypes, w_shapes = list(map(_DTYPE, ws)), list(map(_SHAPE, ws))
     masters = on_device.get("masters", [None] * len(ws))

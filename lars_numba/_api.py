@@ -500,11 +500,8 @@ def _momentum_step_gpu(
     gpu = _gpu_module()
     # The gradients first: as for scale_all, the launch stream is the first
     # stream named, unless CuPy's current stream is (see caller_streams).
-    order = sorted(columns, key=lambda name: name != "gs")
-    checked = _momentum_devices(gpu, {name: columns[name] for name in order})
-    if checked is None:
-        checked = _checked_momentum_devices(gpu, {name: columns[name] for name in order})
-    on_device, handles = checked
+    ordered = {name: columns[name] for name in sorted(columns, key=lambda name: name != "gs")}
+    on_device, handles = _momentum_devices(gpu, ordered) or _checked_momentum_devices(gpu, ordered)
     for name, array in (("rates", rates), ("nonfinite", nonfinite)):
         if array is None:
             continue

@@ -768,9 +768,6 @@ def _views(columns, device) -> tuple[list, list]:
     :func:`slot_arrays`), so no view is made. A zero-size pair is the
     zero-size padding.
     """
-    # Read from the objects' fields: a device array's flags property copies
-    # a dict, a third of the time per pair.
-    flags_of = _SIMULATED_FLAGS if config.ENABLE_CUDASIM else _DEVICE_FLAGS
     views = []
     layout = []
     for arrays in columns:
@@ -779,27 +776,24 @@ def _views(columns, device) -> tuple[list, list]:
             arrays = tuple(_empty_array(device, array.dtype) for array in arrays)
         flat = size <= 1
         if not flat:
-            flags = list(map(flags_of, arrays))
+            flags = list(map(_FLAGS, arrays))
             flat = all(map(_C_CONTIGUOUS, flags)) or all(map(_F_CONTIGUOUS, flags))
         layout.append((tuple(map(_DTYPE, arrays)), size, flat))
         views.append(arrays)
     return views, layout
 
 
-_SIMULATED_FLAGS, _DEVICE_FLAGS = attrgetter("flags"), attrgetter("_dummy.flags")
+#: A device array's flags, read from its fields: a Numba device array's flags
+#: property copies a dict, a third of the time of a pair's layout. (The
+#: simulator's device arrays hold host arrays.)
+_FLAGS = attrgetter("flags" if config.ENABLE_CUDASIM else "_dummy.flags")
 _C_CONTIGUOUS, _F_CONTIGUOUS = itemgetter("C_CONTIGUOUS"), itemgetter("F_CONTIGUOUS")
 _DTYPE = attrgetter("dtype")
 
 
-def device_address(array) -> int:
-    """The device address of a device array's element at index 0 (0 if it has none):
-    its first in memory where its strides are positive."""
-    (address,) = device_addresses((array,))
-    return address
-
-
 def device_addresses(arrays: Iterable) -> list[int]:
-    """:func:`device_address` of each of ``arrays``."""
+    """The device address of each device array's element at index 0 (0 if it has
+    none): its first in memory where its strides are positive."""
     if config.ENABLE_CUDASIM:  # the simulator's device arrays hold host arrays
         return [array._ary.ctypes.data for array in arrays]
     # What their device_ctypes_pointer holds, without the ctypes objects (a
@@ -983,7 +977,7 @@ def device_bounds_of(arrays: list) -> np.ndarray:
     bounds = np.stack([lows, lows + np.fromiter(map(_NBYTES, arrays), np.int64, len(arrays))], 1)
     # Right where the strides are positive, as they are in a contiguous array;
     # the others' ranges are found from their strides.
-    flags = list(map(_SIMULATED_FLAGS if config.ENABLE_CUDASIM else _DEVICE_FLAGS, arrays))
+    flags = list(map(_FLAGS, arrays))
     for index in np.flatnonzero(
         ~np.fromiter(map(_C_CONTIGUOUS, flags), bool, len(arrays))
         & ~np.fromiter(map(_F_CONTIGUOUS, flags), bool, len(arrays))

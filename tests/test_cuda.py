@@ -636,7 +636,7 @@ def test_a_group_travels_as_one_table_of_its_arrays_addresses(pairs, groups, mon
     run_scale_all(oracle, made)
     assert [len(addresses) for addresses, _ in seen] == groups
     rows = np.concatenate([addresses.copy_to_host() for addresses, _ in seen])
-    expected = [[_cuda.device_address(pair[4]), _cuda.device_address(pair[5])] for pair in made]
+    expected = [_cuda.device_addresses([pair[4], pair[5]]) for pair in made]
     np.testing.assert_array_equal(rows, expected)
     for _, likes in seen:
         assert [(like.size, like.dtype) for like in likes] == [(0, np.float32)] * 2

@@ -13,7 +13,7 @@ on the first such call so that ``import lars_numba`` does not load
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from itertools import chain, repeat
+from itertools import chain
 from operator import attrgetter
 
 import numpy as np
@@ -202,10 +202,11 @@ def scale_all(
     arrays = (*ws, *gs) if rates is None else (*ws, *gs, rates)
     # Plain NumPy arrays, the common case, are told apart without a Python call
     # per array (subclasses of ndarray take the second test).
-    if set(map(type, arrays)) == {np.ndarray} or not any(map(on_gpu, arrays)):
+    kinds = set(map(type, arrays))
+    if kinds == {np.ndarray} or not any(map(on_gpu, arrays)):
         _scale_all_cpu(ws, gs, hyper, masks, rates, parallel)
         return
-    _refuse_both_kinds(arrays, lambda index: _layout.pair_names(len(ws), rates=True)[index])
+    _refuse_both_kinds(arrays, lambda index: _layout.pair_names(len(ws), rates=True)[index], kinds)
     gpu = _gpu_module()
     w_devices, g_devices, handles = _device_pairs(gpu, ws, gs)
     if rates is not None:
@@ -237,7 +238,8 @@ def _device_pairs(gpu, ws: list, gs: list) -> tuple[list, list, list]:
             and list(map(_SHAPE, g_devices)) == list(map(_SHAPE, w_devices))
             and not any(g_read_only)
         ):
-            handles = [handle for pair in zip(g_streams, w_streams, strict=True) for handle in pair]
+            handles = [None] * (2 * len(g_streams))
+            handles[::2], handles[1::2] = g_streams, w_streams
             return list(w_devices), list(g_devices), handles
     pairs = [
         _device_arrays(w, g, writes_g=True, names=(f"ws[{i}]", f"gs[{i}]"))
@@ -263,10 +265,13 @@ def _device_column(gpu, arrays: list) -> tuple[list, list, list] | None:
     return [c[0] for c in converted], [c[1] for c in converted], [c[2] for c in converted]
 
 
-def _refuse_both_kinds(arrays: Sequence, name: Callable[[int], str]) -> None:
+def _refuse_both_kinds(
+    arrays: Sequence, name: Callable[[int], str], kinds: set | None = None
+) -> None:
     """Raise if ``arrays``, those of a call that has a CUDA array, hold a NumPy array
-    too, naming one of each by its index (``name`` is called only then)."""
-    if any(map(isinstance, arrays, repeat(np.ndarray))):
+    too, naming one of each by its index (``name`` is called only then).
+    ``kinds``, if given, is the set of their types."""
+    if any(issubclass(kind, np.ndarray) for kind in kinds or set(map(type, arrays))):
         cpu = next(i for i, array in enumerate(arrays) if isinstance(array, np.ndarray))
         gpu = next(i for i, array in enumerate(arrays) if on_gpu(array))
         raise TypeError(

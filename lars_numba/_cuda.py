@@ -447,6 +447,132 @@ UPDATE_KERNELS = {
 UPDATE_OF_ARITY = {update.arrays: name for name, update in _rule.UPDATES.items()}
 
 
+# -- launches ------------------------------------------------------------------
+
+
+class Launcher:
+    """The launches of one kernel for one group of a plan, each argument typed and
+    packed into the kernel's parameters only when it is not the very object it
+    was at the previous launch (a tuple of floats: not an equal tuple).
+
+    numba-cuda's dispatcher types every argument and packs it at every launch,
+    in Python: about 150 us for one launch of a group's table. A plan's
+    launches on one stream differ from call to call in the hyperparameters
+    and the caller's ``rates`` and ``nonfinite`` arrays at most, so the rest
+    is packed once. The types, the kernel and the packing are numba-cuda's
+    (its dispatcher's ``typeof_pyval``, ``overloads`` and
+    ``_Kernel._prepare_args``), and so is the launch (``_Kernel.launch``, given
+    the parameters); a launch whose types have no compiled kernel, or whose
+    kernel depends on its launch configuration, goes through the dispatcher.
+    Under the simulator every launch does. Holds the arguments of its last
+    launch (a caller's ``rates`` and ``nonfinite`` arrays among them) until
+    its next.
+    """
+
+    def __init__(self) -> None:
+        self.dispatcher = None
+        self.launch: tuple = ()  #: blocks, threads, stream and shared memory
+        self.configured = None  #: the dispatcher's launch configuration for ``launch``
+        self.kernel = None  #: the compiled kernel of ``types``; None: dispatch
+        self.packed = None  #: ``kernel``, to be launched on packed parameters
+        self.arguments: list = []
+        self.types: tuple = ()
+        self.parameters: list[list] = []  #: the packed parameters of each argument
+        self.flat: list = []  #: all of them, in order
+
+    def __call__(self, dispatcher, launch: tuple, arguments: tuple) -> None:
+        """Launch ``dispatcher``'s kernel on ``arguments`` with ``launch``, as
+        ``dispatcher[launch](*arguments)`` does."""
+        if dispatcher is not self.dispatcher or launch != self.launch:
+            if dispatcher is not self.dispatcher:
+                self.dispatcher, self.kernel = dispatcher, None
+            self.launch, self.configured = launch, dispatcher[launch]
+        if self.kernel is None or not self._repacked(arguments):
+            self._dispatched(arguments)
+            return
+        configured = self.configured
+        _Kernel.launch(
+            self.packed,
+            (self.flat,),
+            configured.griddim,
+            configured.blockdim,
+            configured.stream,
+            configured.sharedmem,
+        )
+
+    def _repacked(self, arguments: tuple) -> bool:
+        """Pack the arguments that changed; False if one changed its type."""
+        if len(arguments) != len(self.arguments):
+            return False
+        changed = False
+        for i, (argument, previous) in enumerate(zip(arguments, self.arguments, strict=True)):
+            if argument is previous or (type(argument) is tuple and argument == previous):
+                continue
+            kind = self.dispatcher.typeof_pyval(argument)
+            if kind != self.types[i]:
+                return False
+            self.arguments[i] = argument
+            self.parameters[i] = _parameters(self.kernel, kind, argument)
+            changed = True
+        if changed:
+            self.flat = list(chain.from_iterable(self.parameters))
+        return True
+
+    def _dispatched(self, arguments: tuple) -> None:
+        """Launch through the dispatcher (compiling if it must), then pack for the next."""
+        self.configured(*arguments)
+        if config.ENABLE_CUDASIM:
+            return
+        self.types = tuple(map(self.dispatcher.typeof_pyval, arguments))
+        self.kernel = self.dispatcher.overloads.get(self.types)
+        if self.kernel is None or getattr(self.kernel, "launch_config_sensitive", False):
+            self.kernel = None
+            return
+        self.packed = _Packed(self.kernel)
+        self.arguments = list(arguments)
+        self.parameters = [
+            _parameters(self.kernel, kind, argument)
+            for kind, argument in zip(self.types, arguments, strict=True)
+        ]
+        self.flat = list(chain.from_iterable(self.parameters))
+
+
+def _parameters(kernel, kind, argument) -> list:
+    """``argument``'s parameters, of Numba type ``kind``, as ``kernel`` packs them."""
+    if isinstance(kind, types.UniTuple) and kind.dtype == types.float64:
+        # What numba-cuda packs a float64 as, in a tenth of its time.
+        return list(map(ctypes.c_double, argument))
+    parameters: list = []
+    kernel._prepare_args(kind, argument, 0, [], parameters)
+    return parameters
+
+
+class _Packed:
+    """A compiled kernel that ``_Kernel.launch`` launches on parameters packed
+    beforehand: its one argument is the parameters."""
+
+    argument_types = (None,)
+
+    def __init__(self, kernel) -> None:
+        self._kernel = kernel
+        # What the launch reads at every call, read once; anything else, from
+        # the kernel, through __getattr__.
+        for name in ("debug", "cooperative", "_codelibrary"):
+            if hasattr(kernel, name):
+                setattr(self, name, getattr(kernel, name))
+
+    def __getattr__(self, name: str):
+        return getattr(self._kernel, name)
+
+    @staticmethod
+    def _prepare_args(kind, parameters, stream, retr, kernelargs: list) -> None:
+        kernelargs.extend(parameters)
+
+
+if not config.ENABLE_CUDASIM:
+    from numba.cuda.dispatcher import _Kernel
+
+
 # -- streams -------------------------------------------------------------------
 
 
@@ -637,6 +763,7 @@ class Group(NamedTuple):
     chunks: object  #: int64 device array, a row per chunk (see ``CHUNK_COLUMNS``)
     base: int  #: the group's first row of the scratch sums
     first: int  #: the group's first row of the call's address table, if flat
+    launchers: tuple[Launcher, Launcher]  #: of its sums kernel and its update kernel
 
 
 class Plan(NamedTuple):
@@ -652,7 +779,12 @@ class Plan(NamedTuple):
     rows: int
     slots: int  #: the pairs of the largest group: the tickets a call uses
     addresses: int  #: the elements of the call's address table
+    flat_pairs: np.ndarray  #: the pairs of the address table's rows, in order
     last_use: list  #: the event recorded after the plan's latest call, once it has had one
+    #: the scratch of the plan's latest call, its address table and each flat
+    #: group's arrays in it (see :func:`slot_arrays`): the same objects while
+    #: the scratch is, for the launchers
+    tables: list
 
 
 _plans: OrderedDict[tuple, Plan] = OrderedDict()
@@ -724,6 +856,7 @@ def _make_plan(layout, masks: np.ndarray, stream, device) -> Plan:
                 chunks=chunks[bounds[i] : bounds[i + 1]],
                 base=int(rows[i]),
                 first=int(firsts[i]),
+                launchers=(Launcher(), Launcher()),
             )
         )
     columns = len(kernel_arrays(layout[0][0]))
@@ -732,7 +865,11 @@ def _make_plan(layout, masks: np.ndarray, stream, device) -> Plan:
         rows=int(rows[-1]),
         slots=max(len(pairs) for pairs, _ in members),
         addresses=int(firsts[-1]) * columns,
+        flat_pairs=np.array(
+            [pair for pairs, is_flat in members if is_flat for pair in pairs], np.intp
+        ),
         last_use=[],
+        tables=[None, None, ()],
     )
 
 
@@ -758,29 +895,37 @@ def reducing_launch(items: int, stream) -> tuple:
 # -- drivers -------------------------------------------------------------------
 
 
-def _views(columns, device) -> tuple[list, list]:
-    """The pairs' arrays as the kernels take them, and their ``(dtypes, size, flat)``.
+def _views(columns, device) -> tuple[list, list, np.ndarray]:
+    """The pairs' arrays as the kernels take them (see :func:`kernel_arrays`), their
+    ``(dtypes, size, flat)`` and their device addresses, a row per pair.
 
     ``columns[i]`` holds the arrays of pair ``i``, of one shape. A pair is flat
     if its arrays hold their elements in the same order in memory, one after
     the other: of one element, or all C-contiguous, or all F-contiguous. The
     kernels then reach them by their addresses alone (see
     :func:`slot_arrays`), so no view is made. A zero-size pair is the
-    zero-size padding.
+    zero-size padding. Each field is read a column at a time: a loop over
+    the pairs took twice the time.
     """
-    views = []
-    layout = []
-    for arrays in columns:
-        size = arrays[0].size
-        if size == 0:
-            arrays = tuple(_empty_array(device, array.dtype) for array in arrays)
-        flat = size <= 1
-        if not flat:
-            flags = list(map(_FLAGS, arrays))
-            flat = all(map(_C_CONTIGUOUS, flags)) or all(map(_F_CONTIGUOUS, flags))
-        layout.append((tuple(map(_DTYPE, arrays)), size, flat))
-        views.append(arrays)
-    return views, layout
+    views = list(map(kernel_arrays, columns))
+    sizes = [arrays[0].size for arrays in views]
+    if 0 in sizes:
+        for pair in [pair for pair, size in enumerate(sizes) if size == 0]:
+            views[pair] = tuple(_empty_array(device, array.dtype) for array in views[pair])
+    arrays = list(chain.from_iterable(views))
+    flags = list(map(_FLAGS, arrays))
+    width = len(views[0])  # the same for every pair of a call
+    flat = (
+        (np.array(sizes) <= 1)
+        | np.fromiter(map(_C_CONTIGUOUS, flags), bool, len(arrays)).reshape(-1, width).all(1)
+        | np.fromiter(map(_F_CONTIGUOUS, flags), bool, len(arrays)).reshape(-1, width).all(1)
+    )
+    dtypes = list(zip(*[iter(map(_DTYPE, arrays))] * width, strict=True))
+    if min(map(len, columns)) != width:
+        # Without the weights that kernel_arrays repeats.
+        dtypes = [pair[: len(arrays)] for pair, arrays in zip(dtypes, columns, strict=True)]
+    addresses = np.array(device_addresses(arrays), np.int64).reshape(-1, width)
+    return views, list(zip(dtypes, sizes, flat.tolist(), strict=True)), addresses
 
 
 #: A device array's flags, read from its fields: a Numba device array's flags
@@ -805,35 +950,38 @@ def device_addresses(arrays: Iterable) -> list[int]:
 _DEVICE_POINTER = attrgetter("gpu_data.device_pointer")
 
 
-def address_rows(pairs: list) -> np.ndarray:
-    """The device addresses of each pair's arrays as the kernels take them (see
-    :func:`kernel_arrays`), a row per pair."""
-    addresses = device_addresses(chain.from_iterable(map(kernel_arrays, pairs)))
-    return np.array(addresses, np.int64).reshape(len(pairs), -1)
+def _tables(plan: Plan, scratch: Scratch) -> tuple:
+    """The plan's address table in ``scratch`` (None if no group is flat) and each
+    group's arrays in it (None for a strided group), made once per scratch."""
+    if plan.tables[0] is not scratch:
+        flat = [group for group in plan.groups if group.likes is not None]
+        table = None
+        if flat:
+            columns = len(flat[0].likes)
+            table = scratch.addresses[: plan.addresses].reshape(plan.addresses // columns, columns)
+        arrays = tuple(
+            None
+            if group.likes is None
+            else (table[group.first : group.first + len(group.pairs)], group.likes)
+            for group in plan.groups
+        )
+        plan.tables[:] = [scratch, table, arrays]
+    return plan.tables[1], plan.tables[2]
 
 
-def _address_table(plan: Plan, views: list, scratch: Scratch):
-    """The addresses of the flat groups' arrays, a row per pair in the order of the
-    plan's groups, copied to the scratch on its stream; None if there are none."""
-    pairs = [
-        views[pair] for group in plan.groups if group.likes is not None for pair in group.pairs
-    ]
-    if not pairs:
-        return None
-    host = address_rows(pairs)
+def _copy_addresses(plan: Plan, addresses: np.ndarray, table, stream) -> None:
+    """Copy the rows of ``addresses`` (see :func:`_views`) of the flat groups'
+    pairs, in the order of the plan's groups, to ``table`` on ``stream``."""
     # From pageable memory the copy has taken the rows when it returns; on
     # the stream it runs after the kernels queued before, which may still
     # read the previous call's table.
-    table = scratch.addresses[: host.size].reshape(host.shape)
-    table.copy_to_device(host, stream=scratch.stream)
-    return table
+    table.copy_to_device(addresses[plan.flat_pairs], stream=stream)
 
 
-def _group_arrays(group: Group, views: list, table) -> tuple:
-    """The group's arrays as the kernels take them (see :func:`slot_arrays`)."""
-    if group.likes is None:
-        return kernel_arrays(views[group.pairs[0]])
-    return table[group.first : group.first + len(group.pairs)], group.likes
+def _dispatch(dispatcher, launch: tuple, arguments: tuple) -> None:
+    """A launch through ``dispatcher``: a strided group's, whose arrays are the
+    caller's, not to be held by a :class:`Launcher`."""
+    dispatcher[launch](*arguments)
 
 
 def _launch(
@@ -851,7 +999,7 @@ def _launch(
     """
     device = cuda.get_current_device()
     with _lock:
-        views, layout = _views(columns, device)
+        views, layout, addresses = _views(columns, device)
         stream = stream_key(streams.launch)
         key = (
             device,
@@ -871,23 +1019,32 @@ def _launch(
         if skip or nonfinite is not None:
             flag.copy_to_device(_FINITE, stream=scratch.stream)
         stored = _empty_array(device, np.float64) if rates is None else rates
-        table = _address_table(plan, views, scratch)
+        table, tables = _tables(plan, scratch)
+        if table is not None:
+            _copy_addresses(plan, addresses, table, scratch.stream)
         groups = [
             (
                 group,
-                _group_arrays(group, views, table),
+                views[group.pairs[0]] if arrays is None else arrays,
                 reducing_launch(len(group.chunks), scratch.stream),
+                (_dispatch, _dispatch) if arrays is None else group.launchers,
             )
-            for group in plan.groups
+            for group, arrays in zip(plan.groups, tables, strict=True)
         ]
         # With skip, every gradient's sums come before any update.
         for sums, updates in ((True, False), (False, update)) if skip else ((True, update),):
-            for group, arrays, launch in groups:
+            for group, arrays, launch, (sums_launch, update_launch) in groups:
                 if sums:
-                    sums_of_chunks[launch](*sums_arguments(group, arrays, scratch, hyper, flag))
+                    sums_launch(
+                        sums_of_chunks,
+                        launch,
+                        sums_arguments(group, arrays, scratch, hyper, flag),
+                    )
                 if updates:
-                    UPDATE_KERNELS[group.update][launch[:3]](
-                        *update_arguments(group, arrays, scratch, hyper, stored, flag, skip)
+                    update_launch(
+                        UPDATE_KERNELS[group.update],
+                        launch[:3],
+                        update_arguments(group, arrays, scratch, hyper, stored, flag, skip),
                     )
         totals = None
         if not update:
@@ -901,7 +1058,7 @@ def _launch(
 
 def sums_arguments(group: Group, arrays: tuple, scratch: Scratch, hyper, flag) -> tuple:
     """The arguments of :func:`sums_of_chunks` for ``group``, whose arrays are
-    ``arrays`` (see :func:`_group_arrays`)."""
+    ``arrays`` (see :func:`_tables`)."""
     return (arrays, group.chunks, scratch.sums, group.base, scratch.ticket, hyper, flag)
 
 

@@ -1,14 +1,17 @@
 """The host's share of a GPU call, without a GPU: ``python -m lars_numba bench --host``.
 
-Every stage of a ``scale_all`` or ``momentum_step`` call on CUDA arrays that
-runs on the host, timed on stand-ins: Numba device arrays over made-up
+Every stage of a ``scale``, ``scale_all`` or ``momentum_step`` call on CUDA
+arrays that runs on the host, timed on stand-ins: Numba device arrays over made-up
 device addresses, never dereferenced, with the simulator off. The stages
 are the checks of :mod:`lars_numba._api` (with the call into
-:mod:`lars_numba._cuda` replaced by nothing), the pairs' layout
-(:func:`lars_numba._cuda._views`), the address table's rows, and numba-cuda's
-typing and packing of each launch's arguments, as its dispatcher does them
-before it hands them to the driver. What needs a GPU is left out: the
-driver's launches and copies, and the conversion of CuPy arrays to Numba's.
+:mod:`lars_numba._cuda` replaced by nothing), the pairs' layout and
+addresses (:func:`lars_numba._cuda._views`), and the two
+launches as :class:`lars_numba._cuda.Launcher` makes them, on a device that
+numba-cuda is made to believe in (:func:`made_up_device`): typed, compiled
+by NVVM and packed as for a GPU, up to the driver's launch, which is
+recorded instead. Below the total, the same launches through numba-cuda's
+dispatcher, for comparison. What needs a GPU is left out: the driver's
+launches and copies, and the conversion of CuPy arrays to Numba's.
 Under the simulator (``NUMBA_ENABLE_CUDASIM=1``) it runs in a process of
 its own with the simulator off.
 The stages are timed in turn, round by round, as medians (see
@@ -21,7 +24,9 @@ import argparse
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -52,29 +57,62 @@ class StandIns:
         return DeviceNDArray(host.shape, host.strides, host.dtype, gpu_data=memory)
 
 
-def typed_and_packed(arguments: tuple) -> list:
-    """What numba-cuda does with a launch's ``arguments`` on the host: their types,
-    as its dispatcher finds them, and the kernel's parameters packed from them."""
-    from numba.core.typing.typeof import Purpose, typeof
-    from numba.cuda.dispatcher import _Kernel
+@contextmanager
+def made_up_device() -> Iterator[list]:
+    """numba-cuda compiling for a made-up device of compute capability 9.0, with
+    the driver's launch replaced by a recorder: yields the list that receives
+    each launch's ``(configuration, kernel, parameters)``.
 
-    class Packer:  # what _Kernel._prepare_args reads of its kernel
-        extensions = ()
-        _prepare_args = _Kernel._prepare_args
+    Everything numba-cuda does on the host runs, the typing, the compilation
+    (NVVM needs no GPU) and the packing of the parameters, up to the driver.
+    The kernels of :mod:`lars_numba._cuda` compiled meanwhile are not cached
+    on disk, but stay compiled, for the made-up device: for a process of its own.
+    """
+    from numba.cuda import codegen, dispatcher
+    from numba.cuda.core.caching import NullCache
+    from numba.cuda.cudadrv import devices
 
-    packer, parameters = Packer(), []
-    for argument in arguments:
-        packer._prepare_args(typeof(argument, Purpose.argument), argument, 0, [], parameters)
-    return parameters
+    from . import _cuda
+
+    device = SimpleNamespace(compute_capability=(9, 0))
+    module = SimpleNamespace(initialized=True)
+    launched: list = []
+    kernels = (_cuda.sums_of_chunks, *_cuda.UPDATE_KERNELS.values())
+    saved = [
+        (dispatcher, "get_current_device", lambda: device),
+        (devices, "get_context", lambda devnum=None: SimpleNamespace(device=device)),
+        (
+            codegen.CUDACodeLibrary,
+            "get_cufunc",
+            lambda library: SimpleNamespace(kernel=library, module=module),
+        ),
+        (
+            dispatcher,
+            "launch",
+            lambda stream, configuration, kernel, *parameters: launched.append(
+                (configuration, kernel, parameters)
+            ),
+        ),
+        *((kernel, "_cache", NullCache()) for kernel in kernels),
+    ]
+    saved = [(owner, name, getattr(owner, name), value) for owner, name, value in saved]
+    try:
+        for owner, name, _, value in saved:
+            setattr(owner, name, value)
+        yield launched
+    finally:
+        for owner, name, value, _ in saved:
+            setattr(owner, name, value)
 
 
 def launches(columns: list, stand_in: StandIns, update: str) -> dict[str, tuple]:
-    """The arguments of a call's two launches, sums and update, for ``columns`` (the
-    pairs' device arrays, all flat and of one dtype), as ``_cuda._launch`` makes
-    them from its cached plan and the stream's scratch."""
+    """A call's two launches, sums and update, for ``columns`` (the pairs' device
+    arrays, all flat and of one dtype): each one's kernel, launch configuration
+    and a function that makes its arguments as ``_cuda._launch`` makes them
+    from its cached plan and the stream's scratch."""
     from . import _api, _cuda, _layout, tunables
 
-    _, layout = _cuda._views(columns, None)
+    _, layout, _ = _cuda._views(columns, None)
     chunks = len(_layout.chunk_rows([size for _, size, _ in layout], tunables.GPU_CHUNK))
     likes = tuple(stand_in((1,), dtype) for dtype in _cuda.kernel_arrays(layout[0][0]))
     group = _cuda.Group(
@@ -84,6 +122,7 @@ def launches(columns: list, stand_in: StandIns, update: str) -> dict[str, tuple]
         chunks=stand_in((chunks, len(_cuda.CHUNK_COLUMNS)), np.int64),
         base=0,
         first=0,
+        launchers=(),
     )
     scratch = _cuda.Scratch(
         stream=None,
@@ -93,30 +132,45 @@ def launches(columns: list, stand_in: StandIns, update: str) -> dict[str, tuple]
         nonfinite=stand_in((1,), np.bool_),
         event=None,
     )
-    # What _cuda._group_arrays gives for a flat group, whose slice of the
+    # What _cuda._tables gives for a flat group, whose slice of the
     # scratch's table needs a context: a table of its own.
     arrays = (stand_in((len(columns), len(likes)), np.int64), likes)
     hyper = _api.hyperparameters(
         1e-2, harness.WEIGHT_DECAY, 1e-9, 1.0, "sum", lr=harness.STEP_LR, momentum=0.9
     )
     rates = stand_in((1,), np.float64)
+    launch = _cuda.reducing_launch(chunks, 0)
+    # A call's hyperparameters are a tuple of its own, equal to the last's.
     return {
-        "sums": _cuda.sums_arguments(group, arrays, scratch, hyper, scratch.nonfinite),
-        "update": _cuda.update_arguments(
-            group, arrays, scratch, hyper, rates, scratch.nonfinite, False
+        "sums": (
+            _cuda.sums_of_chunks,
+            launch,
+            lambda: _cuda.sums_arguments(group, arrays, scratch, (*hyper,), scratch.nonfinite),
+        ),
+        "update": (
+            _cuda.UPDATE_KERNELS[update],
+            launch[:3],
+            lambda: _cuda.update_arguments(
+                group, arrays, scratch, (*hyper,), rates, scratch.nonfinite, False
+            ),
         ),
     }
 
 
 def stages(shapes, dtype=np.float32) -> dict[str, dict[str, Callable[[], object]]]:
-    """The host's stages of ``scale_all`` and of ``momentum_step`` on a model of
-    ``shapes``, by call and stage."""
+    """The host's stages of ``scale`` on the first of a model of ``shapes``, and of
+    ``scale_all`` and ``momentum_step`` on the whole model, by call and stage."""
     from . import _cuda
 
     stand_in = StandIns()
     ws, gs, vs = ([stand_in(shape, dtype) for shape in shapes] for _ in range(3))
     ignored = lambda *args, **kwargs: None  # noqa: E731
     calls = {
+        "scale": (
+            lambda: lars_numba.scale(ws[0], gs[0], weight_decay=harness.WEIGHT_DECAY),
+            [(ws[0], gs[0])],
+            "scale",
+        ),
         "scale_all": (
             lambda: lars_numba.scale_all(ws, gs, weight_decay=harness.WEIGHT_DECAY),
             list(zip(ws, gs, strict=True)),
@@ -132,20 +186,29 @@ def stages(shapes, dtype=np.float32) -> dict[str, dict[str, Callable[[], object]
     }
     out = {}
     for name, (checks, columns, update) in calls.items():
-        views, _ = _cuda._views(columns, None)
-        arguments = launches(columns, stand_in, update)
         out[name] = {
             "checks (lars_numba._api)": lambda checks=checks: _without_launches(checks, ignored),
-            "layout of the pairs": lambda columns=columns: _cuda._views(columns, None),
-            "address table's rows": lambda views=views: _cuda.address_rows(views),
+            "layout and addresses of the pairs": lambda columns=columns: _cuda._views(
+                columns, None
+            ),
             **{
-                f"typing and packing, {launch} launch": lambda arguments=launch_arguments: (
-                    typed_and_packed(arguments)
+                f"{name} launch, {way}": lambda run=run, kernel=kernel, launch=launch, made=made: (
+                    run(kernel, launch, made())
                 )
-                for launch, launch_arguments in arguments.items()
+                for name, (kernel, launch, made) in launches(columns, stand_in, update).items()
+                for way, run in ((PREPARED, _cuda.Launcher()), (DISPATCHED, _dispatched))
             },
         }
     return out
+
+
+#: The two ways to launch that the table compares: the first is the call's.
+PREPARED = "packed once (_cuda.Launcher)"
+DISPATCHED = "numba-cuda's dispatcher"
+
+
+def _dispatched(kernel, launch: tuple, arguments: tuple) -> None:
+    kernel[launch](*arguments)
 
 
 def _without_launches(call: Callable[[], object], ignored: Callable) -> None:
@@ -153,7 +216,8 @@ def _without_launches(call: Callable[[], object], ignored: Callable) -> None:
     from . import _cuda
 
     saved = {
-        name: getattr(_cuda, name) for name in ("scale_all", "momentum_step", "caller_streams")
+        name: getattr(_cuda, name)
+        for name in ("scale", "scale_all", "momentum_step", "caller_streams")
     }
     try:
         for name in saved:
@@ -187,11 +251,15 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"lars_numba {lars_numba.__version__}, numba-cuda {numba_cuda.__version__}: "
         f"the host's microseconds per call on ResNet-50's {len(RESNET50_SHAPES)} float32 "
-        "arrays, on stand-ins (no GPU)"
+        "arrays (scale: on its first), on stand-ins (no GPU)"
     )
-    for call, call_stages in stages(RESNET50_SHAPES).items():
-        times = harness.interleaved(call_stages, args.rounds)
-        table = [[stage, seconds * 1e6] for stage, seconds in times.items()]
-        table.append(["total, before the driver's launches", sum(times.values()) * 1e6])
-        print(f"\n{call}")
-        print(harness.format_table(["stage", "us"], table, formats=[None, ".0f"]))
+    with made_up_device():
+        for call, call_stages in stages(RESNET50_SHAPES).items():
+            for stage in call_stages.values():
+                stage()  # the first launch of each kernel compiles it
+            times = harness.interleaved(call_stages, args.rounds)
+            table = [[stage, us * 1e6] for stage, us in times.items() if DISPATCHED not in stage]
+            table.append(["total, before the driver's launches", sum(us for _, us in table)])
+            table += [[stage, us * 1e6] for stage, us in times.items() if DISPATCHED in stage]
+            print(f"\n{call}")
+            print(harness.format_table(["stage", "us"], table, formats=[None, ".0f"]))

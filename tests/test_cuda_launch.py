@@ -1,0 +1,136 @@
+"""The GPU launches of :class:`lars_numba._cuda.Launcher`, which packs a launch's
+parameters once and hands them to numba-cuda's own launch: the driver must
+receive what numba-cuda's dispatcher would have given it, launch after launch,
+as arguments change or stay.
+
+The simulator has no launches to compare: the kernels are compiled and
+launched in a subprocess with the simulator off, on a device that numba-cuda
+is made to believe in (:func:`lars_numba.bench_host.made_up_device`), whose
+driver records each launch instead of making it.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+COMPARE = textwrap.dedent(
+    """
+    import ctypes, json, sys
+    from numba.cuda import dispatcher
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+    from lars_numba import _cuda, bench_host
+
+    def seen(record):
+        configuration, kernel, parameters = record
+        return [
+            [repr(configuration), id(kernel)],
+            [[type(p).__name__, p.value if isinstance(p, ctypes._SimpleCData) else p]
+             for p in parameters],
+        ]
+
+    dispatched = []
+    call = dispatcher.CUDADispatcher.call
+    def counted(self, args, launch_config):
+        dispatched.append(self)
+        return call(self, args, launch_config)
+    dispatcher.CUDADispatcher.call = counted
+
+    stand_in = bench_host.StandIns()
+    out = {}
+    with bench_host.made_up_device() as launched:
+        for update, dtypes in (("scale", ("float32",) * 2), ("momentum", ("float16",) * 3)):
+            columns = [tuple(stand_in((5, 3), dtype) for dtype in dtypes) for _ in range(4)]
+            for name, (kernel, launch, arguments) in bench_host.launches(
+                columns, stand_in, update
+            ).items():
+                launcher = _cuda.Launcher()
+                first = arguments()
+                # Each argument's tuple of arguments: the same objects, a
+                # new tuple of new hyperparameters, another array in place
+                # of an array, an array of another layout (another kernel).
+                changed = list(first)
+                at = {"sums": 6, "update": 5}[name]
+                changed[at] = stand_in((1,), first[at].dtype)
+                other_type = list(first)
+                base = stand_in((3,), first[at].dtype)
+                other_type[at] = DeviceNDArray(
+                    (2,), (2 * base.dtype.itemsize,), base.dtype, gpu_data=base.gpu_data
+                )
+                hyper = {"sums": 5, "update": 4}[name]
+                rescheduled = list(first)
+                rescheduled[hyper] = (*first[hyper][:-2], 0.125, 0.5)
+                steps = {}
+                for step, args in (
+                    ("first", first),
+                    ("again", arguments()),
+                    ("hyperparameters", tuple(rescheduled)),
+                    ("array", tuple(changed)),
+                    ("layout", tuple(other_type)),
+                    ("layout again", tuple(other_type)),
+                    ("back", arguments()),
+                ):
+                    del launched[:], dispatched[:]
+                    launcher(kernel, launch, args)
+                    ours, our_dispatches = [seen(r) for r in launched], len(dispatched)
+                    del launched[:]
+                    kernel[launch](*args)
+                    steps[step] = [ours, [seen(r) for r in launched], our_dispatches]
+                out[f"{update} {name}"] = steps
+    json.dump(out, sys.stdout)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def launches():
+    """By kernel and step: the launches the driver received from a
+    :class:`Launcher`, from numba-cuda's dispatcher, and how many times the
+    launcher went through the dispatcher."""
+    result = subprocess.run(
+        [sys.executable, "-c", COMPARE],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NUMBA_ENABLE_CUDASIM": "0"},
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+KERNELS = ["scale sums", "scale update", "momentum sums", "momentum update"]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_the_driver_receives_what_numba_cuda_would_give_it(launches, kernel):
+    for step, (ours, numbas, _) in launches[kernel].items():
+        assert len(ours) == 1, step
+        assert ours == numbas, step
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_only_a_new_kernel_goes_through_the_dispatcher(launches, kernel):
+    # The first launch types and compiles through it, and so does the first
+    # of another layout; the rest are packed anew where their arguments changed.
+    dispatches = {step: count for step, (_, _, count) in launches[kernel].items()}
+    assert dispatches == {
+        "first": 1,
+        "again": 0,
+        "hyperparameters": 0,
+        "array": 0,
+        "layout": 1,
+        "layout again": 0,
+        "back": 1,
+    }
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_new_hyperparameters_and_arrays_reach_the_driver(launches, kernel):
+    steps = {step: ours[0][1] for step, (ours, _, _) in launches[kernel].items()}
+    assert steps["again"] == steps["first"]
+    assert steps["hyperparameters"] != steps["first"]
+    assert steps["array"] != steps["first"]
+    assert steps["back"] == steps["first"]

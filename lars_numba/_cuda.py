@@ -30,7 +30,9 @@ apex's ``multi_tensor_apply`` does):
 Contiguous pairs of the same dtypes go :data:`lars_numba.tunables.GROUP_PAIRS`
 to a group, as the addresses of their 1-d views (see :func:`slot_arrays`);
 any other pair is a group of its own, as n-d arrays of any strides, through
-the same kernels.
+the same kernels. A flat group's launches keep their arguments packed for
+the driver from one call to the next (see :class:`Launcher`): numba-cuda's
+dispatcher would type and pack them all again at every launch.
 
 Like the CPU engine, the kernels accumulate and update in float64: a float16
 sum of squares overflows past 65504 and a float32 one loses digits over
@@ -464,9 +466,10 @@ class Launcher:
     ``_Kernel._prepare_args``), and so is the launch (``_Kernel.launch``, given
     the parameters); a launch whose types have no compiled kernel, or whose
     kernel depends on its launch configuration, goes through the dispatcher.
-    Under the simulator every launch does. Holds the arguments of its last
-    launch (a caller's ``rates`` and ``nonfinite`` arrays among them) until
-    its next.
+    So does every launch under the simulator, and every launch of anything
+    but numba-cuda's own dispatcher (a wrapper of one, as the tests' spies
+    are, sees each launch). Holds the arguments of its last launch (a
+    caller's ``rates`` and ``nonfinite`` arrays among them) until its next.
     """
 
     def __init__(self) -> None:
@@ -521,7 +524,7 @@ class Launcher:
     def _dispatched(self, arguments: tuple) -> None:
         """Launch through the dispatcher (compiling if it must), then pack for the next."""
         self.configured(*arguments)
-        if config.ENABLE_CUDASIM:
+        if type(self.dispatcher) is not _DISPATCHER:
             return
         self.types = tuple(map(self.dispatcher.typeof_pyval, arguments))
         self.kernel = self.dispatcher.overloads.get(self.types)
@@ -569,7 +572,10 @@ class _Packed:
         kernelargs.extend(parameters)
 
 
-if not config.ENABLE_CUDASIM:
+if config.ENABLE_CUDASIM:
+    _DISPATCHER = None  # the simulator's kernels launch as they are called
+else:
+    from numba.cuda.dispatcher import CUDADispatcher as _DISPATCHER
     from numba.cuda.dispatcher import _Kernel
 
 

@@ -80,6 +80,24 @@ COMPARE = textwrap.dedent(
                     kernel[launch](*args)
                     steps[step] = [ours, [seen(r) for r in launched], our_dispatches]
                 out[f"{update} {name}"] = steps
+
+        class Wrapper:  # what the tests' spies do, around a kernel
+            def __init__(self, kernel):
+                self.kernel, self.seen = kernel, 0
+
+            def __getitem__(self, launch):
+                configured = self.kernel[launch]
+
+                def launched(*args):
+                    self.seen += 1
+                    configured(*args)
+
+                return launched
+
+        wrapped, launcher = Wrapper(kernel), _cuda.Launcher()
+        for _ in range(3):
+            launcher(wrapped, launch, first)
+        out["wrapped"] = wrapped.seen
     json.dump(out, sys.stdout)
     """
 )
@@ -125,6 +143,10 @@ def test_only_a_new_kernel_goes_through_the_dispatcher(launches, kernel):
         "layout again": 0,
         "back": 1,
     }
+
+
+def test_a_wrapper_of_a_kernel_sees_every_launch(launches):
+    assert launches["wrapped"] == 3
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -371,6 +371,9 @@ def _update_kernel(update: int):
     """The update kernel of update number ``update`` (see ``_rule.UPDATES``), for
     pairs of two arrays."""
     digest = _rule.SOURCE_DIGEST
+    # The update's function from the closure, not indexed in the kernel from
+    # the tuple, which Numba types as first-class functions.
+    function, written = _UPDATES[update], _WRITTEN[update]
 
     @cuda.jit(cache=True)
     def update_chunks(arrays, chunks, sums, base, hyper, rates):
@@ -379,8 +382,6 @@ def _update_kernel(update: int):
         ``rates[pair]``, unless ``rates`` is empty, receives the pair's rate.
         """
         assert digest
-        function = _UPDATES[update]
-        written = _WRITTEN[update]
         for chunk in range(cuda.blockIdx.x, chunks.shape[0], cuda.gridDim.x):
             slot, pair_hyper, rate = chunk_rate(chunks, chunk, sums, base, hyper, rates)
             pair = slot_arrays(arrays, slot, chunks[chunk, 2])
@@ -403,6 +404,8 @@ def _step_kernel(update: int):
     the new weights' rounding where the update has them (the weights again
     where it has not)."""
     digest = _rule.SOURCE_DIGEST
+    function, written = _UPDATES[update], _WRITTEN[update]
+    rounded_copy = _ROUNDED_COPY[update]
 
     @cuda.jit(cache=True)
     def step_chunks(arrays, chunks, sums, base, hyper, rates, nonfinite, skip):
@@ -411,9 +414,6 @@ def _step_kernel(update: int):
         assert digest
         if skip and nonfinite[0]:
             return
-        function = _UPDATES[update]
-        written = _WRITTEN[update]
-        rounded_copy = _ROUNDED_COPY[update]
         for chunk in range(cuda.blockIdx.x, chunks.shape[0], cuda.gridDim.x):
             slot, pair_hyper, rate = chunk_rate(chunks, chunk, sums, base, hyper, rates)
             pair = slot_arrays(arrays, slot, chunks[chunk, 2])

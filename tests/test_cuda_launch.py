@@ -19,7 +19,7 @@ import pytest
 
 COMPARE = textwrap.dedent(
     """
-    import ctypes, json, sys
+    import ctypes, json, sys, warnings
     from numba.cuda import dispatcher
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
     from lars_numba import _cuda, bench_host
@@ -41,7 +41,9 @@ COMPARE = textwrap.dedent(
 
     stand_in = bench_host.StandIns()
     out = {}
-    with bench_host.made_up_device() as launched:
+    caught = warnings.catch_warnings(record=True)
+    with caught as compiled, bench_host.made_up_device() as launched:
+        warnings.simplefilter("always")
         for update, dtypes in (("scale", ("float32",) * 2), ("momentum", ("float16",) * 3)):
             columns = [tuple(stand_in((5, 3), dtype) for dtype in dtypes) for _ in range(4)]
             for name, (kernel, launch, arguments) in bench_host.launches(
@@ -98,6 +100,7 @@ COMPARE = textwrap.dedent(
         for _ in range(3):
             launcher(wrapped, launch, first)
         out["wrapped"] = wrapped.seen
+    out["warnings"] = [f"{type(w.message).__name__}: {w.message}" for w in compiled]
     json.dump(out, sys.stdout)
     """
 )
@@ -143,6 +146,12 @@ def test_only_a_new_kernel_goes_through_the_dispatcher(launches, kernel):
         "layout again": 0,
         "back": 1,
     }
+
+
+def test_the_kernels_compile_without_numbas_experimental_features(launches):
+    # An update indexed from a tuple of device functions inside a kernel is a
+    # first-class function to Numba, which warns at every compilation.
+    assert not [w for w in launches["warnings"] if "Experimental" in w]
 
 
 def test_a_wrapper_of_a_kernel_sees_every_launch(launches):

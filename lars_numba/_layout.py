@@ -15,6 +15,8 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from . import tunables
+
 
 def flat_views(*arrays):
     """1-d views of ``arrays``, of one shape, that pair the same elements, or ``None``.
@@ -263,7 +265,7 @@ def plain_layouts(ws: list, gs: list) -> np.ndarray | None:
         return None
     pairs = len(ws)
     layout = np.empty((pairs, len(LAYOUT_COLUMNS)), np.int64)
-    ids = (np.fromiter(map(id, arrays), np.int64, pairs) for arrays in (ws, gs))
+    ids = map(ids_of, (ws, gs))
     if read_layouts(*ids, _DESCRS, _ITEMSIZES, layout) != -1:
         return None
     return layout
@@ -362,8 +364,24 @@ def plain_rows(arrays: list) -> tuple[np.ndarray, np.ndarray] | None:
     plain NumPy arrays and their objects may be read here; ``None`` otherwise."""
     if not (_reading_trusted() and all_plain(arrays)):
         return None
-    ids = np.fromiter(map(id, arrays), np.int64, len(arrays))
+    ids = ids_of(arrays)
     return rows_of_ids(ids), ids
+
+
+def ids_of(objects: Sequence) -> np.ndarray:
+    """The ids of ``objects``, their addresses (CPython's), as int64."""
+    if len(objects) < tunables.IDS_FROM_OBJECTS:
+        return np.fromiter(map(id, objects), np.int64, len(objects))
+    # A NumPy array of the objects holds their addresses, read while it keeps
+    # them alive.
+    held = np.fromiter(objects, object, len(objects))
+    return _words(held.__array_interface__["data"][0], len(objects))
+
+
+@njit(cache=True, nogil=True)
+def _words(address, count):
+    """A copy of the ``count`` int64 words at ``address``."""
+    return carray(address_as_pointer(address), count, np.int64).copy()
 
 
 def rows_of_ids(ids: np.ndarray) -> np.ndarray:

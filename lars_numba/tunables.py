@@ -32,6 +32,12 @@ PARALLEL_MIN_SIZE = 1 << 16
 #: them there.
 CPU_BATCH_BYTES = 16 << 20
 
+#: From this many arrays on, their ids (their objects' addresses, which the
+#: compiled checks read them from) are read out of a NumPy array of the
+#: objects in one compiled call: one ``id()`` each makes a Python int, about
+#: 55 ns, more than that call costs past a few dozen arrays.
+IDS_FROM_OBJECTS = 32
+
 # -- the GPU engine ------------------------------------------------------------
 #
 # Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``), which runs a

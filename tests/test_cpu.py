@@ -145,6 +145,17 @@ def test_flat_views_pair_the_same_elements_without_copying(make_w, make_g, flat)
         np.testing.assert_array_equal(views[1] - views[0], np.full(views[0].shape, 100.0))
 
 
+@pytest.mark.parametrize(
+    "count", [0, 1, tunables.IDS_FROM_OBJECTS - 1, tunables.IDS_FROM_OBJECTS, 1000]
+)
+@pytest.mark.parametrize("container", [list, tuple])
+def test_the_ids_read_at_once_are_the_objects_ids(count, container):
+    # Arrays, and arrays among other objects: an array of them holds each
+    # object itself, not its elements.
+    objects = container(np.zeros(i % 3 + 1) if i % 4 else [i] for i in range(count))
+    assert _layout.ids_of(objects).tolist() == [id(o) for o in objects]
+
+
 @settings(max_examples=200, deadline=None)
 @given(pairs=st.lists(laid_pairs(), min_size=1, max_size=6))
 def test_the_layouts_read_from_the_array_objects_are_the_attributes(pairs):

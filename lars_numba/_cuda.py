@@ -902,25 +902,29 @@ def reducing_launch(items: int, stream) -> tuple:
 
 
 def _views(columns, device) -> tuple[list, list, np.ndarray]:
-    """The pairs' arrays as the kernels take them (see :func:`kernel_arrays`), their
-    ``(dtypes, size, flat)`` and their device addresses, a row per pair.
+    """The pairs' arrays, their ``(dtypes, size, flat)`` and the device addresses
+    of their arrays as the kernels take them (see :func:`kernel_arrays`), a
+    row per pair.
 
     ``columns[i]`` holds the arrays of pair ``i``, of one shape. A pair is flat
     if its arrays hold their elements in the same order in memory, one after
     the other: of one element, or all C-contiguous, or all F-contiguous. The
     kernels then reach them by their addresses alone (see
     :func:`slot_arrays`), so no view is made. A zero-size pair is the
-    zero-size padding. Each field is read a column at a time: a loop over
-    the pairs took twice the time.
+    zero-size padding. Each field is read for all the arrays at once, by
+    ``map``, not in a Python loop over the pairs, and each array once: the
+    weights that kernel_arrays repeats are repeated in the addresses.
     """
-    views = list(map(kernel_arrays, columns))
+    views = list(columns)
+    if len(set(map(len, views))) > 1:  # a momentum step with masters for some pairs
+        views = list(map(kernel_arrays, views))
     sizes = [arrays[0].size for arrays in views]
     if 0 in sizes:
         for pair in [pair for pair, size in enumerate(sizes) if size == 0]:
             views[pair] = tuple(_empty_array(device, array.dtype) for array in views[pair])
     arrays = list(chain.from_iterable(views))
     flags = list(map(_FLAGS, arrays))
-    width = len(views[0])  # the same for every pair of a call
+    width = len(views[0])  # now the same for every pair of the call
     flat = (
         (np.array(sizes) <= 1)
         | np.fromiter(map(_C_CONTIGUOUS, flags), bool, len(arrays)).reshape(-1, width).all(1)
@@ -931,6 +935,9 @@ def _views(columns, device) -> tuple[list, list, np.ndarray]:
         # Without the weights that kernel_arrays repeats.
         dtypes = [pair[: len(arrays)] for pair, arrays in zip(dtypes, columns, strict=True)]
     addresses = np.array(device_addresses(arrays), np.int64).reshape(-1, width)
+    taken = kernel_arrays(tuple(range(width)))
+    if len(taken) != width:
+        addresses = addresses[:, taken]
     return views, list(zip(dtypes, sizes, flat.tolist(), strict=True)), addresses
 
 
@@ -1031,7 +1038,7 @@ def _launch(
         groups = [
             (
                 group,
-                views[group.pairs[0]] if arrays is None else arrays,
+                kernel_arrays(views[group.pairs[0]]) if arrays is None else arrays,
                 reducing_launch(len(group.chunks), scratch.stream),
                 (_dispatch, _dispatch) if arrays is None else group.launchers,
             )

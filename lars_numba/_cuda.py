@@ -916,29 +916,39 @@ def _views(columns, device) -> tuple[list, list, np.ndarray]:
     weights that kernel_arrays repeats are repeated in the addresses.
     """
     views = list(columns)
-    if len(set(map(len, views))) > 1:  # a momentum step with masters for some pairs
+    mixed = len(set(map(len, views))) > 1  # a momentum step with masters for some pairs
+    if mixed:
         views = list(map(kernel_arrays, views))
     sizes = [arrays[0].size for arrays in views]
     if 0 in sizes:
         for pair in [pair for pair, size in enumerate(sizes) if size == 0]:
             views[pair] = tuple(_empty_array(device, array.dtype) for array in views[pair])
     arrays = list(chain.from_iterable(views))
-    flags = list(map(_FLAGS, arrays))
     width = len(views[0])  # now the same for every pair of the call
+    c_order, f_order = _contiguous(arrays)
     flat = (
         (np.array(sizes) <= 1)
-        | np.fromiter(map(_C_CONTIGUOUS, flags), bool, len(arrays)).reshape(-1, width).all(1)
-        | np.fromiter(map(_F_CONTIGUOUS, flags), bool, len(arrays)).reshape(-1, width).all(1)
+        | c_order.reshape(-1, width).all(1)
+        | f_order.reshape(-1, width).all(1)
     )
     dtypes = list(zip(*[iter(map(_DTYPE, arrays))] * width, strict=True))
-    if min(map(len, columns)) != width:
+    if mixed:
         # Without the weights that kernel_arrays repeats.
-        dtypes = [pair[: len(arrays)] for pair, arrays in zip(dtypes, columns, strict=True)]
+        dtypes = [pair[: len(given)] for pair, given in zip(dtypes, columns, strict=True)]
     addresses = np.array(device_addresses(arrays), np.int64).reshape(-1, width)
     taken = kernel_arrays(tuple(range(width)))
     if len(taken) != width:
         addresses = addresses[:, taken]
     return views, list(zip(dtypes, sizes, flat.tolist(), strict=True)), addresses
+
+
+def _contiguous(arrays: list) -> tuple[np.ndarray, np.ndarray]:
+    """Whether each device array is C-contiguous, and whether it is F-contiguous."""
+    flags = list(map(_FLAGS, arrays))
+    return (
+        np.fromiter(map(_C_CONTIGUOUS, flags), bool, len(arrays)),
+        np.fromiter(map(_F_CONTIGUOUS, flags), bool, len(arrays)),
+    )
 
 
 #: A device array's flags, read from its fields: a Numba device array's flags
@@ -1147,11 +1157,8 @@ def device_bounds_of(arrays: list) -> np.ndarray:
     bounds = np.stack([lows, lows + np.fromiter(map(_NBYTES, arrays), np.int64, len(arrays))], 1)
     # Right where the strides are positive, as they are in a contiguous array;
     # the others' ranges are found from their strides.
-    flags = list(map(_FLAGS, arrays))
-    for index in np.flatnonzero(
-        ~np.fromiter(map(_C_CONTIGUOUS, flags), bool, len(arrays))
-        & ~np.fromiter(map(_F_CONTIGUOUS, flags), bool, len(arrays))
-    ):
+    c_order, f_order = _contiguous(arrays)
+    for index in np.flatnonzero(~c_order & ~f_order):
         array = arrays[index]
         low = high = int(lows[index])
         if array.size:

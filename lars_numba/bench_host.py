@@ -110,7 +110,7 @@ def launches(columns: list, stand_in: StandIns, update: str) -> dict[str, tuple]
     arrays, all flat and of one dtype): each one's kernel, launch configuration
     and a function that makes its arguments as ``_cuda._launch`` makes them
     from its cached plan and the stream's scratch."""
-    from . import _api, _cuda, _layout, tunables
+    from . import _api, _cuda, _layout, _rule, tunables
 
     _, layout, _ = _cuda._views(columns, None)
     chunks = len(_layout.chunk_rows([size for _, size, _ in layout], tunables.GPU_CHUNK))
@@ -126,7 +126,7 @@ def launches(columns: list, stand_in: StandIns, update: str) -> dict[str, tuple]
     )
     scratch = _cuda.Scratch(
         stream=None,
-        sums=stand_in((chunks + len(columns), 2), np.float64),
+        sums=stand_in((chunks + len(columns), _rule.SUMS), np.float64),
         ticket=stand_in((len(columns),), np.uint32),
         addresses=stand_in((len(columns) * len(likes),), np.int64),
         nonfinite=stand_in((1,), np.bool_),

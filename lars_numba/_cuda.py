@@ -60,13 +60,14 @@ import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
-from itertools import chain
-from operator import attrgetter, itemgetter
+from itertools import chain, compress
+from operator import attrgetter, itemgetter, not_, or_
 from typing import NamedTuple
 
 import numpy as np
 from numba import cuda, float64, types, uint32
 from numba.cuda.core import config
+from numba.cuda.cudadrv import driver
 
 from . import _layout, _rule, tunables
 
@@ -925,12 +926,11 @@ def _views(columns, device) -> tuple[list, list, np.ndarray]:
             views[pair] = tuple(_empty_array(device, array.dtype) for array in views[pair])
     arrays = list(chain.from_iterable(views))
     width = len(views[0])  # now the same for every pair of the call
-    c_order, f_order = _contiguous(arrays)
-    flat = (
-        (np.array(sizes) <= 1)
-        | c_order.reshape(-1, width).all(1)
-        | f_order.reshape(-1, width).all(1)
+    # In Python, not NumPy: a NumPy call's cost is a pair's, and scale has one.
+    c_order, f_order = (
+        map(all, zip(*[iter(order)] * width, strict=True)) for order in _contiguous(arrays)
     )
+    flat = [size <= 1 or c or f for size, c, f in zip(sizes, c_order, f_order, strict=True)]
     dtypes = list(zip(*[iter(map(_DTYPE, arrays))] * width, strict=True))
     if mixed:
         # Without the weights that kernel_arrays repeats.
@@ -939,16 +939,13 @@ def _views(columns, device) -> tuple[list, list, np.ndarray]:
     taken = kernel_arrays(tuple(range(width)))
     if len(taken) != width:
         addresses = addresses[:, taken]
-    return views, list(zip(dtypes, sizes, flat.tolist(), strict=True)), addresses
+    return views, list(zip(dtypes, sizes, flat, strict=True)), addresses
 
 
-def _contiguous(arrays: list) -> tuple[np.ndarray, np.ndarray]:
+def _contiguous(arrays: list) -> tuple[list[bool], list[bool]]:
     """Whether each device array is C-contiguous, and whether it is F-contiguous."""
     flags = list(map(_FLAGS, arrays))
-    return (
-        np.fromiter(map(_C_CONTIGUOUS, flags), bool, len(arrays)),
-        np.fromiter(map(_F_CONTIGUOUS, flags), bool, len(arrays)),
-    )
+    return list(map(_C_CONTIGUOUS, flags)), list(map(_F_CONTIGUOUS, flags))
 
 
 #: A device array's flags, read from its fields: a Numba device array's flags
@@ -998,7 +995,14 @@ def _copy_addresses(plan: Plan, addresses: np.ndarray, table, stream) -> None:
     # From pageable memory the copy has taken the rows when it returns; on
     # the stream it runs after the kernels queued before, which may still
     # read the previous call's table.
-    table.copy_to_device(addresses[plan.flat_pairs], stream=stream)
+    _upload(table, addresses[plan.flat_pairs], stream)
+
+
+def _upload(target, values: np.ndarray, stream) -> None:
+    """Copy ``values``, C-contiguous, to the contiguous device array ``target`` of
+    their size on ``stream``: what numba-cuda's ``copy_to_device`` does, without the
+    checks and views of both arrays that take it about 100 us on the host."""
+    driver.host_to_device(target, values, values.nbytes, stream=stream)
 
 
 def _dispatch(dispatcher, launch: tuple, arguments: tuple) -> None:
@@ -1040,7 +1044,7 @@ def _launch(
             produced.wait(scratch.stream)
         flag = scratch.nonfinite if nonfinite is None else nonfinite
         if skip or nonfinite is not None:
-            flag.copy_to_device(_FINITE, stream=scratch.stream)
+            _upload(flag, _FINITE, scratch.stream)
         stored = _empty_array(device, np.float64) if rates is None else rates
         table, tables = _tables(plan, scratch)
         if table is not None:
@@ -1157,8 +1161,8 @@ def device_bounds_of(arrays: list) -> np.ndarray:
     bounds = np.stack([lows, lows + np.fromiter(map(_NBYTES, arrays), np.int64, len(arrays))], 1)
     # Right where the strides are positive, as they are in a contiguous array;
     # the others' ranges are found from their strides.
-    c_order, f_order = _contiguous(arrays)
-    for index in np.flatnonzero(~c_order & ~f_order):
+    either = map(or_, *_contiguous(arrays))
+    for index in compress(range(len(arrays)), map(not_, either)):
         array = arrays[index]
         low = high = int(lows[index])
         if array.size:

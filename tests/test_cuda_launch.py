@@ -165,3 +165,70 @@ def test_new_hyperparameters_and_arrays_reach_the_driver(launches, kernel):
     assert steps["hyperparameters"] != steps["first"]
     assert steps["array"] != steps["first"]
     assert steps["back"] == steps["first"]
+
+
+UPLOADS = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from numba.cuda.cudadrv import driver
+    import lars_numba
+    from lars_numba import _cuda, bench_host
+
+    uploads = []
+
+    def recorded(dst, src, size, stream=0):
+        data = np.ascontiguousarray(src).view(np.uint8)[:size].tobytes().hex()
+        uploads.append([driver.device_pointer(dst), data, size, repr(stream)])
+
+    def taken():
+        out = uploads[:]
+        del uploads[:]
+        return out
+
+    out = {}
+    with bench_host.made_up_device():
+        driver.host_to_device = recorded
+        stand_in = bench_host.StandIns()
+        ws, gs, vs = ([stand_in((5, 3)) for _ in range(3)] for _ in range(3))
+        lars_numba.scale_all(ws, gs)
+        (scratch,) = _cuda._scratch.values()
+        rows = np.array(
+            [[a.device_ctypes_pointer.value for a in pair] for pair in zip(ws, gs)], np.int64
+        )
+        out["scale_all"] = taken()
+        scratch.addresses[:6].reshape(3, 2).copy_to_device(rows, stream=scratch.stream)
+        out["scale_all, numba-cuda"] = taken()
+
+        flag = stand_in((1,), np.bool_)
+        lars_numba.momentum_step(ws, gs, vs, lr=0.1, skip_nonfinite=True, nonfinite=flag)
+        out["momentum_step"] = taken()
+        (scratch,) = _cuda._scratch.values()  # grown for four arrays a pair
+        flag.copy_to_device(np.zeros(1, np.bool_), stream=scratch.stream)
+        rows = np.array(
+            [[a.device_ctypes_pointer.value for a in (w, g, v, w)] for w, g, v in zip(ws, gs, vs)],
+            np.int64,
+        )
+        scratch.addresses[:12].reshape(3, 4).copy_to_device(rows, stream=scratch.stream)
+        out["momentum_step, numba-cuda"] = taken()
+    json.dump(out, sys.stdout)
+    """
+)
+
+
+def test_the_uploads_reach_the_driver_as_numba_cudas_copies_would():
+    # The address table and the flag are copied by the driver's call itself,
+    # without numba-cuda's copy_to_device (about 100 us of checks and views).
+    result = subprocess.run(
+        [sys.executable, "-c", UPLOADS],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NUMBA_ENABLE_CUDASIM": "0"},
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    uploads = json.loads(result.stdout)
+    assert len(uploads["scale_all"]) == 1
+    assert uploads["scale_all"] == uploads["scale_all, numba-cuda"]
+    assert len(uploads["momentum_step"]) == 2  # the flag reset, then the table
+    assert uploads["momentum_step"] == uploads["momentum_step, numba-cuda"]

@@ -2,8 +2,9 @@
 
 The stages of :mod:`lars_numba.bench_host` (``python -m lars_numba bench
 --host``): the checks, the pairs' layout and addresses and the two launches,
-on stand-in device arrays and a device that numba-cuda is made to believe in,
-whose driver records the launches instead of making them. Skipped under the
+and the whole public call with what runs between them, on stand-in device
+arrays and a device that numba-cuda is made to believe in, whose driver's
+calls are recorded or do nothing. Skipped under the
 simulator, whose device arrays are host arrays.
 """
 
@@ -15,8 +16,9 @@ from ._support import optional, require
 
 
 class GpuHost:
-    """Seconds of host work per call, before the driver's calls, and per pair of
-    launches through numba-cuda's dispatcher, for comparison."""
+    """Seconds of host work per call, before the driver's calls (its stages, and
+    the whole call), and per pair of launches through numba-cuda's dispatcher,
+    for comparison."""
 
     params = (["scale", "scale_all", "momentum_step"],)
     param_names = ("call",)
@@ -31,10 +33,13 @@ class GpuHost:
         self.device = made_up_device()
         self.device.__enter__()
         stages = bench_host.stages(resnet50)[call]
+        # The whole call, where this commit times it, apart from its stages.
+        whole = getattr(bench_host, "WHOLE", None)
+        self.whole = stages.pop(whole, None)
         self.ours = [stage for name, stage in stages.items() if bench_host.DISPATCHED not in name]
         self.dispatched = [stage for name, stage in stages.items() if bench_host.DISPATCHED in name]
-        for stage in stages.values():
-            stage()
+        for stage in (*stages.values(), *([self.whole] if self.whole else [])):
+            stage()  # the first launch of each kernel compiles it; the first call plans
 
     def teardown(self, call):
         self.device.__exit__(None, None, None)
@@ -46,3 +51,6 @@ class GpuHost:
     def time_launches_through_the_dispatcher(self, call):
         for stage in self.dispatched:
             stage()
+
+    def time_whole_call_before_the_driver(self, call):
+        require(self, "whole", method=True)()

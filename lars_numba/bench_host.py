@@ -96,7 +96,7 @@ def made_up_device() -> Iterator[list]:
     stay compiled, for the made-up device: for a process of its own.
     """
     from numba import cuda
-    from numba.cuda import codegen, dispatcher
+    from numba.cuda import api, codegen, dispatcher
     from numba.cuda.core.caching import NullCache
     from numba.cuda.cudadrv import devices, driver
 
@@ -131,6 +131,9 @@ def made_up_device() -> Iterator[list]:
         (driver, "host_to_device", ignored),
         (driver, "device_to_host", ignored),
         (cuda, "event", lambda timing=True: _RecordedEvent()),
+        # What numba-cuda's conversion of an interface asks the driver.
+        (api, "current_context", lambda: None),
+        (api, "external_stream", lambda handle: 0),
         *((cuda, name, lambda *handle: 0) for name in _STREAMS),
         *((kernel, "_cache", NullCache()) for kernel in kernels),
     ]
@@ -207,44 +210,67 @@ def stages(shapes, dtype=np.float32) -> dict[str, dict[str, Callable[[], object]
     from . import _cuda
 
     stand_in = StandIns()
-    ws, gs, vs = ([stand_in(shape, dtype) for shape in shapes] for _ in range(3))
-    ignored = lambda *args, **kwargs: None  # noqa: E731
-    calls = {
-        "scale": (
-            lambda: lars_numba.scale(ws[0], gs[0], weight_decay=harness.WEIGHT_DECAY),
-            [(ws[0], gs[0])],
-            "scale",
-        ),
-        "scale_all": (
-            lambda: lars_numba.scale_all(ws, gs, weight_decay=harness.WEIGHT_DECAY),
-            list(zip(ws, gs, strict=True)),
-            "scale",
-        ),
-        "momentum_step": (
-            lambda: lars_numba.momentum_step(
-                ws, gs, vs, lr=harness.STEP_LR, weight_decay=harness.WEIGHT_DECAY
-            ),
-            list(zip(ws, gs, vs, strict=True)),
-            "momentum",
-        ),
+    columns = [[stand_in(shape, dtype) for shape in shapes] for _ in range(3)]
+    described = [list(map(InterfaceArray, column)) for column in columns]
+    calls, on_interfaces = _calls(*columns), _calls(*described)
+    ws, gs, vs = columns
+    pairs = {
+        "scale": ([(ws[0], gs[0])], "scale"),
+        "scale_all": (list(zip(ws, gs, strict=True)), "scale"),
+        "momentum_step": (list(zip(ws, gs, vs, strict=True)), "momentum"),
     }
+    ignored = lambda *args, **kwargs: None  # noqa: E731
     out = {}
-    for name, (call, columns, update) in calls.items():
+    for name, (pairs_of_call, update) in pairs.items():
         out[name] = {
-            "checks (lars_numba._api)": lambda call=call: _without_launches(call, ignored),
-            "layout and addresses of the pairs": lambda columns=columns: _cuda._views(
-                columns, None
+            "checks (lars_numba._api)": lambda call=calls[name]: _without_launches(call, ignored),
+            "layout and addresses of the pairs": lambda pairs_of_call=pairs_of_call: _cuda._views(
+                pairs_of_call, None
             ),
             **{
                 f"{name} launch, {way}": lambda run=run, kernel=kernel, launch=launch, made=made: (
                     run(kernel, launch, made())
                 )
-                for name, (kernel, launch, made) in launches(columns, stand_in, update).items()
+                for name, (kernel, launch, made) in launches(
+                    pairs_of_call, stand_in, update
+                ).items()
                 for way, run in ((PREPARED, _cuda.Launcher()), (DISPATCHED, _dispatched))
             },
-            WHOLE: call,
+            WHOLE: calls[name],
+            WHOLE_ON_INTERFACES: on_interfaces[name],
         }
     return out
+
+
+def _calls(ws: list, gs: list, vs: list) -> dict[str, Callable[[], object]]:
+    """The calls the table times, on these arrays."""
+    return {
+        "scale": lambda: lars_numba.scale(ws[0], gs[0], weight_decay=harness.WEIGHT_DECAY),
+        "scale_all": lambda: lars_numba.scale_all(ws, gs, weight_decay=harness.WEIGHT_DECAY),
+        "momentum_step": lambda: lars_numba.momentum_step(
+            ws, gs, vs, lr=harness.STEP_LR, weight_decay=harness.WEIGHT_DECAY
+        ),
+    }
+
+
+class InterfaceArray:
+    """A device array known only by its ``__cuda_array_interface__``, as CuPy's
+    arrays are (version 3, on the legacy default stream), over the memory of a
+    Numba device array: what a call converts to a Numba device array first."""
+
+    def __init__(self, array) -> None:
+        self._interface = {
+            "shape": array.shape,
+            "strides": None,
+            "typestr": array.dtype.str,
+            "data": (array.device_ctypes_pointer.value, False),
+            "version": 3,
+            "stream": 1,
+        }
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        return dict(self._interface)  # CuPy's arrays make their dict at every read
 
 
 #: The two ways to launch that the table compares: the first is the call's.
@@ -254,6 +280,8 @@ DISPATCHED = "numba-cuda's dispatcher"
 #: and what runs between them (the plan and scratch caches, the streams, the
 #: upload of the address table), up to the driver's calls.
 WHOLE = "the whole call, up to the driver's calls"
+#: The same on :class:`InterfaceArray` s, which each call converts to Numba's.
+WHOLE_ON_INTERFACES = "the same on CuPy-like arrays"
 
 
 def _dispatched(kernel, launch: tuple, arguments: tuple) -> None:
@@ -310,10 +338,10 @@ def main(argv: list[str] | None = None) -> None:
                 stage: us * 1e6
                 for stage, us in harness.interleaved(call_stages, args.rounds).items()
             }
-            whole = times.pop(WHOLE)
+            wholes = [[stage, times.pop(stage)] for stage in (WHOLE, WHOLE_ON_INTERFACES)]
             table = [[stage, us] for stage, us in times.items() if DISPATCHED not in stage]
             table.append(["the stages above, in all", sum(us for _, us in table)])
-            table.append([WHOLE, whole])
+            table += wholes
             table += [[stage, us] for stage, us in times.items() if DISPATCHED in stage]
             print(f"\n{call}")
             print(harness.format_table(["stage", "us"], table, formats=[None, ".0f"]))

@@ -134,12 +134,14 @@ def test_the_host_table_times_every_stage_of_both_calls_on_stand_ins(capfd):
             "update launch, packed once (_cuda.Launcher)",
             "the stages above, in all",
             "the whole call, up to the driver's calls",
+            "the same on CuPy-like arrays",
             "sums launch, numba-cuda's dispatcher",
             "update launch, numba-cuda's dispatcher",
         ]
         compared = [stages.pop(stage) for stage in list(stages)[-2:]]
         assert all(us > 0 for us in compared)
         assert stages.pop("the whole call, up to the driver's calls") > 0
+        assert stages.pop("the same on CuPy-like arrays") > 0
         total = stages.pop("the stages above, in all")
         assert all(us > 0 for us in stages.values())
         assert total == pytest.approx(sum(stages.values()), abs=len(stages))  # whole us

@@ -33,13 +33,15 @@ class GpuHost:
         self.device = made_up_device()
         self.device.__enter__()
         stages = bench_host.stages(resnet50)[call]
-        # The whole call, where this commit times it, apart from its stages.
-        whole = getattr(bench_host, "WHOLE", None)
-        self.whole = stages.pop(whole, None)
+        # The whole call, where this commit times it, apart from its stages, on
+        # Numba's device arrays and on arrays known by their interface (CuPy's).
+        self.whole = stages.pop(getattr(bench_host, "WHOLE", None), None)
+        self.on_interfaces = stages.pop(getattr(bench_host, "WHOLE_ON_INTERFACES", None), None)
         self.ours = [stage for name, stage in stages.items() if bench_host.DISPATCHED not in name]
         self.dispatched = [stage for name, stage in stages.items() if bench_host.DISPATCHED in name]
-        for stage in (*stages.values(), *([self.whole] if self.whole else [])):
-            stage()  # the first launch of each kernel compiles it; the first call plans
+        for stage in (*stages.values(), self.whole, self.on_interfaces):
+            if stage is not None:
+                stage()  # the first launch of each kernel compiles it; the first call plans
 
     def teardown(self, call):
         self.device.__exit__(None, None, None)
@@ -54,3 +56,6 @@ class GpuHost:
 
     def time_whole_call_before_the_driver(self, call):
         require(self, "whole", method=True)()
+
+    def time_whole_call_on_interface_arrays(self, call):
+        require(self, "on_interfaces", method=True)()

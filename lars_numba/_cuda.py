@@ -598,6 +598,98 @@ def as_device_array(array) -> tuple:
     return from_interface(interface, array), interface.get("stream"), bool(interface["data"][1])
 
 
+def as_pair_array(array) -> tuple:
+    """What :func:`as_device_array` gives, for an array of a pair: a
+    :class:`Described` in place of the conversion where its interface says it
+    is C-contiguous, unmasked (and the simulator is off, whose device arrays
+    are host arrays)."""
+    if getattr(array, "__cuda_ndarray__", False):
+        return array, None, False
+    interface = array.__cuda_array_interface__
+    if config.ENABLE_CUDASIM or interface.get("mask") is not None:
+        device = from_interface(interface, array)
+    else:
+        device = Described.of(interface, array)
+        if device is None:
+            device = from_interface(interface, array)
+    return device, interface.get("stream"), bool(interface["data"][1])
+
+
+class Described:
+    """A C-contiguous CUDA array known by its ``__cuda_array_interface__`` (CuPy's
+    arrays), not converted to a Numba device array: numba-cuda's conversion
+    takes about 9 us an array on the host, several times what a flat pair
+    costs a call otherwise.
+
+    It has the fields of a Numba device array that the checks and the layout
+    read: ``dtype``, ``shape``, ``size``, ``nbytes``, ``_dummy.flags`` and
+    ``gpu_data.device_pointer``. A flat pair's kernels reach its memory by
+    its address; where a kernel takes the array itself (a strided pair's),
+    :func:`kernel_array` converts it. It keeps the owner of the memory
+    alive, as a conversion does.
+    """
+
+    __slots__ = (
+        "__cuda_array_interface__",
+        "_dummy",
+        "_owner",
+        "dtype",
+        "gpu_data",
+        "nbytes",
+        "shape",
+        "size",
+    )
+
+    @classmethod
+    def of(cls, interface: dict, owner: object) -> Described | None:
+        """``owner``, whose interface is ``interface``, described; None unless it is
+        C-contiguous."""
+        shape = tuple(interface["shape"])
+        dtype = _DTYPES.get(interface["typestr"]) or np.dtype(interface["typestr"])
+        size = math.prod(shape)
+        strides = interface.get("strides")
+        if strides is not None and size > 1:
+            expected = dtype.itemsize
+            for extent, stride in zip(reversed(shape), reversed(strides), strict=True):
+                if extent > 1 and stride != expected:
+                    return None
+                expected *= extent
+        described = cls()
+        described.__cuda_array_interface__ = interface
+        described._owner = owner
+        described.dtype, described.shape, described.size = dtype, shape, size
+        described.nbytes = size * dtype.itemsize
+        # C-contiguous; F-contiguous too with one extent above 1 at most.
+        described._dummy = (
+            _C_AND_F if len(shape) - shape.count(1) - shape.count(0) <= 1 else _C_ONLY
+        )
+        described.gpu_data = _Pointer(interface["data"][0])
+        return described
+
+
+class _Pointer(NamedTuple):
+    """What :func:`device_addresses` reads of a :class:`Described` array's memory."""
+
+    device_pointer: int
+
+
+class _Layout(NamedTuple):
+    flags: dict
+
+
+_C_ONLY = _Layout({"C_CONTIGUOUS": True, "F_CONTIGUOUS": False})
+_C_AND_F = _Layout({"C_CONTIGUOUS": True, "F_CONTIGUOUS": True})
+#: The dtypes of the float typestrs, which np.dtype would make afresh each time.
+_DTYPES = {np.dtype(name).str: np.dtype(name) for name in ("float16", "float32", "float64")}
+
+
+def kernel_array(array):
+    """``array`` as a kernel takes it: a :class:`Described` one converted."""
+    if type(array) is Described:
+        return from_interface(array.__cuda_array_interface__, array._owner)
+    return array
+
+
 def from_interface(interface: dict, owner: object):
     """A Numba device array over the memory that ``interface``, ``owner``'s
     ``__cuda_array_interface__``, describes."""
@@ -630,7 +722,8 @@ def caller_streams(handles) -> Streams:
     Handles 1 and 2 are the legacy and per-thread default streams, as in the
     interface.
     """
-    named = [handle for handle in handles if handle is not None]
+    # Each handle once, in order: a call's arrays mostly name one stream.
+    named = [handle for handle in dict.fromkeys(handles) if handle is not None]
     cupy = sys.modules.get("cupy")
     if cupy is not None:
         launch = cupy.cuda.get_current_stream().ptr
@@ -1052,7 +1145,9 @@ def _launch(
         groups = [
             (
                 group,
-                kernel_arrays(views[group.pairs[0]]) if arrays is None else arrays,
+                kernel_arrays(tuple(map(kernel_array, views[group.pairs[0]])))
+                if arrays is None
+                else arrays,
                 reducing_launch(len(group.chunks), scratch.stream),
                 (_dispatch, _dispatch) if arrays is None else group.launchers,
             )

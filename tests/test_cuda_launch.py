@@ -232,3 +232,169 @@ def test_the_uploads_reach_the_driver_as_numba_cudas_copies_would():
     assert uploads["scale_all"] == uploads["scale_all, numba-cuda"]
     assert len(uploads["momentum_step"]) == 2  # the flag reset, then the table
     assert uploads["momentum_step"] == uploads["momentum_step, numba-cuda"]
+
+
+DESCRIBED = textwrap.dedent(
+    """
+    import ctypes, json, sys
+    import numpy as np
+    from numba.cuda.cudadrv import driver
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+    import lars_numba
+    from lars_numba import _cuda, bench_host
+
+    class Foreign:  # CuPy's arrays: the interface only, read-only if asked
+        def __init__(self, array, read_only=False):
+            self.interface = dict(array.__cuda_array_interface__)
+            self.interface["data"] = (self.interface["data"][0], read_only)
+            self.interface["stream"] = 1
+
+        @property
+        def __cuda_array_interface__(self):
+            return dict(self.interface)
+
+    def seen(parameter):
+        if isinstance(parameter, ctypes._SimpleCData):
+            return [type(parameter).__name__, parameter.value]
+        return [type(parameter).__name__, repr(parameter)]
+
+    uploads = []
+
+    def recorded(dst, src, size, stream=0):
+        data = np.ascontiguousarray(src).view(np.uint8)[:size].tobytes().hex()
+        uploads.append([driver.device_pointer(dst), data, size])
+
+    def run(call):
+        del launched[:], uploads[:]
+        try:
+            call()
+        except Exception as error:
+            return [type(error).__name__, str(error)]
+        return [
+            [[repr(c), id(k), [seen(p) for p in ps]] for c, k, ps in launched],
+            uploads[:],
+        ]
+
+    def foreign(*columns):
+        return [[Foreign(array) for array in column] for column in columns]
+
+    out = {}
+    with bench_host.made_up_device() as launched:
+        driver.host_to_device = recorded
+        stand_in = bench_host.StandIns()
+
+        def f_order(shape, dtype=np.float32):
+            base = stand_in(shape, dtype)
+            strides = np.empty(shape, dtype, order="F").strides
+            return DeviceNDArray(shape, strides, base.dtype, gpu_data=base.gpu_data)
+
+        shapes = [(), (0,), (1, 7), (300,), (4, 5, 6), (70000,)]
+        models = {
+            "float32": [[stand_in(s) for s in shapes] for _ in range(3)],
+            "float16": [[stand_in(s, np.float16) for s in shapes] for _ in range(2)]
+            + [[stand_in(s, np.float32) for s in shapes]],
+            # F-order weights beside C-order gradients: strided pairs, whose
+            # kernels take the arrays themselves
+            "strided": [
+                [f_order((6, 5)), f_order((3, 4, 2))],
+                [stand_in((6, 5)), stand_in((3, 4, 2))],
+                [stand_in((6, 5)), stand_in((3, 4, 2))],
+            ],
+            "F-order": [[f_order((6, 5))], [f_order((6, 5))], [f_order((6, 5))]],
+        }
+        for model, (ws, gs, vs) in models.items():
+            calls = lambda ws, gs, vs: {
+                "scale": lambda: lars_numba.scale(ws[-1], gs[-1], weight_decay=1e-3),
+                "scale_all": lambda: lars_numba.scale_all(ws, gs, weight_decay=1e-3),
+                "momentum_step": lambda: lars_numba.momentum_step(ws, gs, vs, lr=0.1),
+            }
+            numbas = calls(ws, gs, vs)
+            foreigns = calls(*foreign(ws, gs, vs))
+            for name in numbas:
+                out[f"{model} {name}"] = [run(numbas[name]), run(foreigns[name])]
+        ws, gs, vs = models["float32"]
+        g64 = stand_in((300,), np.float64)
+        swapped = DeviceNDArray((300,), (4,), np.dtype(">f4"), gpu_data=gs[3].gpu_data)
+        bad = {
+            "dtype": ([ws[3]], [g64]),
+            "shape": ([ws[3]], [gs[4]]),
+            "byte order": ([ws[3]], [swapped]),
+        }
+        for name, (bad_ws, bad_gs) in bad.items():
+            out[f"refused {name}"] = [
+                run(lambda: lars_numba.scale_all(bad_ws, bad_gs)),
+                run(lambda: lars_numba.scale_all(*foreign(bad_ws, bad_gs))),
+            ]
+        out["refused read-only"] = [
+            run(lambda: lars_numba.scale_all([Foreign(ws[3])], [Foreign(gs[3], read_only=True)])),
+            run(lambda: lars_numba.scale(Foreign(ws[3]), Foreign(gs[3], read_only=True))),
+        ]
+        out["refused overlap"] = [
+            run(lambda: lars_numba.momentum_step(ws, gs, ws, lr=0.1)),
+            run(lambda: lars_numba.momentum_step(*foreign(ws, gs, ws), lr=0.1)),
+        ]
+        explicit, row = Foreign(ws[4]), Foreign(ws[2])
+        explicit.interface["strides"] = (120, 24, 4)  # C order, (4, 5, 6) float32
+        row.interface["strides"] = (999, 4)  # (1, 7): the first stride is never taken
+        out["described"] = [
+            type(_cuda.as_pair_array(array)[0]).__name__
+            for array in (
+                Foreign(ws[3]), Foreign(models["F-order"][0][0]), Foreign(ws[0]), explicit, row
+            )
+        ]
+    json.dump(out, sys.stdout)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def described():
+    """By call: what the driver received from a call on Numba's device arrays and
+    from the same call on arrays known by their interface only, over the same
+    memory (or the exception each raised)."""
+    result = subprocess.run(
+        [sys.executable, "-c", DESCRIBED],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NUMBA_ENABLE_CUDASIM": "0"},
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+CALLS = [
+    f"{model} {call}"
+    for model in ("float32", "float16", "strided", "F-order")
+    for call in ("scale", "scale_all", "momentum_step")
+]
+
+
+@pytest.mark.parametrize("call", CALLS)
+def test_arrays_known_by_their_interface_give_the_driver_what_numbas_do(described, call):
+    numbas, foreigns = described[call]
+    assert len(numbas) == 2 and numbas[0], numbas  # launches, not an exception
+    assert foreigns == numbas
+
+
+@pytest.mark.parametrize("bad", ["dtype", "shape", "byte order", "overlap"])
+def test_arrays_known_by_their_interface_are_refused_as_numbas_are(described, bad):
+    numbas, foreigns = described[f"refused {bad}"]
+    assert numbas[0] in ("TypeError", "ValueError"), numbas
+    assert foreigns == numbas
+
+
+def test_a_read_only_gradient_known_by_its_interface_is_refused(described):
+    for error in described["refused read-only"]:
+        assert error[0] == "ValueError" and "must be writeable" in error[1], error
+
+
+def test_only_c_contiguous_arrays_are_described_without_a_conversion(described):
+    # C-contiguous, F-contiguous (2-d), 0-d, C-contiguous with its strides given
+    assert described["described"] == [
+        "Described",
+        "DeviceNDArray",
+        "Described",
+        "Described",
+        "Described",
+    ]

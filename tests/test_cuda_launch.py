@@ -106,13 +106,10 @@ COMPARE = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def launches():
-    """By kernel and step: the launches the driver received from a
-    :class:`Launcher`, from numba-cuda's dispatcher, and how many times the
-    launcher went through the dispatcher."""
+def on_the_made_up_device(script: str) -> dict:
+    """What ``script`` prints as JSON, run in a process of its own with the simulator off."""
     result = subprocess.run(
-        [sys.executable, "-c", COMPARE],
+        [sys.executable, "-c", script],
         capture_output=True,
         text=True,
         env={**os.environ, "NUMBA_ENABLE_CUDASIM": "0"},
@@ -120,6 +117,14 @@ def launches():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def launches():
+    """By kernel and step: the launches the driver received from a
+    :class:`Launcher`, from numba-cuda's dispatcher, and how many times the
+    launcher went through the dispatcher."""
+    return on_the_made_up_device(COMPARE)
 
 
 KERNELS = ["scale sums", "scale update", "momentum sums", "momentum update"]
@@ -219,15 +224,7 @@ UPLOADS = textwrap.dedent(
 def test_the_uploads_reach_the_driver_as_numba_cudas_copies_would():
     # The address table and the flag are copied by the driver's call itself,
     # without numba-cuda's copy_to_device (about 100 us of checks and views).
-    result = subprocess.run(
-        [sys.executable, "-c", UPLOADS],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "NUMBA_ENABLE_CUDASIM": "0"},
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    uploads = json.loads(result.stdout)
+    uploads = on_the_made_up_device(UPLOADS)
     assert len(uploads["scale_all"]) == 1
     assert uploads["scale_all"] == uploads["scale_all, numba-cuda"]
     assert len(uploads["momentum_step"]) == 2  # the flag reset, then the table
@@ -352,15 +349,7 @@ def described():
     """By call: what the driver received from a call on Numba's device arrays and
     from the same call on arrays known by their interface only, over the same
     memory (or the exception each raised)."""
-    result = subprocess.run(
-        [sys.executable, "-c", DESCRIBED],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "NUMBA_ENABLE_CUDASIM": "0"},
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout)
+    return on_the_made_up_device(DESCRIBED)
 
 
 CALLS = [

@@ -879,12 +879,15 @@ class Plan(NamedTuple):
     rows: int
     slots: int  #: the pairs of the largest group: the tickets a call uses
     addresses: int  #: the elements of the call's address table
-    flat_pairs: np.ndarray  #: the pairs of the address table's rows, in order
+    #: the pairs of the address table's rows, in order; None if they are the
+    #: call's pairs in their order
+    flat_pairs: np.ndarray | None
     last_use: list  #: the event recorded after the plan's latest call, once it has had one
-    #: the scratch of the plan's latest call, its address table and each flat
-    #: group's arrays in it (see :func:`slot_arrays`): the same objects while
-    #: the scratch is, for the launchers
+    #: the scratch of the plan's latest call, its address table and what
+    #: :func:`_tables` gives for each group: the same objects while the
+    #: scratch is, for the launchers
     tables: list
+    strided: bool  #: whether a group is a strided pair
 
 
 _plans: OrderedDict[tuple, Plan] = OrderedDict()
@@ -960,16 +963,17 @@ def _make_plan(layout, masks: np.ndarray, stream, device) -> Plan:
             )
         )
     columns = len(kernel_arrays(layout[0][0]))
+    flat_pairs = [pair for pairs, is_flat in members if is_flat for pair in pairs]
+    in_order = flat_pairs == list(range(len(layout)))
     return Plan(
         groups=tuple(groups),
         rows=int(rows[-1]),
         slots=max(len(pairs) for pairs, _ in members),
         addresses=int(firsts[-1]) * columns,
-        flat_pairs=np.array(
-            [pair for pairs, is_flat in members if is_flat for pair in pairs], np.intp
-        ),
+        flat_pairs=None if in_order else np.array(flat_pairs, np.intp),
         last_use=[],
         tables=[None, None, ()],
+        strided=len(flat_pairs) < len(layout),
     )
 
 
@@ -1064,21 +1068,28 @@ _DEVICE_POINTER = attrgetter("gpu_data.device_pointer")
 
 
 def _tables(plan: Plan, scratch: Scratch) -> tuple:
-    """The plan's address table in ``scratch`` (None if no group is flat) and each
-    group's arrays in it (None for a strided group), made once per scratch."""
+    """The plan's address table in ``scratch`` (None if no group is flat) and, for
+    each group, the group, its arrays in the table (None for a strided group),
+    its launch configuration on the scratch's stream and how to launch its two
+    kernels: made once per scratch."""
     if plan.tables[0] is not scratch:
         flat = [group for group in plan.groups if group.likes is not None]
         table = None
         if flat:
             columns = len(flat[0].likes)
             table = scratch.addresses[: plan.addresses].reshape(plan.addresses // columns, columns)
-        arrays = tuple(
-            None
+        entries = tuple(
+            (group, None, reducing_launch(len(group.chunks), scratch.stream), (_dispatch,) * 2)
             if group.likes is None
-            else (table[group.first : group.first + len(group.pairs)], group.likes)
+            else (
+                group,
+                (table[group.first : group.first + len(group.pairs)], group.likes),
+                reducing_launch(len(group.chunks), scratch.stream),
+                group.launchers,
+            )
             for group in plan.groups
         )
-        plan.tables[:] = [scratch, table, arrays]
+        plan.tables[:] = [scratch, table, entries]
     return plan.tables[1], plan.tables[2]
 
 
@@ -1088,13 +1099,15 @@ def _copy_addresses(plan: Plan, addresses: np.ndarray, table, stream) -> None:
     # From pageable memory the copy has taken the rows when it returns; on
     # the stream it runs after the kernels queued before, which may still
     # read the previous call's table.
-    _upload(table, addresses[plan.flat_pairs], stream)
+    _upload(table, addresses if plan.flat_pairs is None else addresses[plan.flat_pairs], stream)
 
 
 def _upload(target, values: np.ndarray, stream) -> None:
-    """Copy ``values``, C-contiguous, to the contiguous device array ``target`` of
-    their size on ``stream``: what numba-cuda's ``copy_to_device`` does, without the
-    checks and views of both arrays that take it about 100 us on the host."""
+    """Copy ``values`` to the contiguous device array ``target`` of their size on
+    ``stream``: what numba-cuda's ``copy_to_device`` does, without the checks
+    and views of both arrays that take it about 100 us on the host."""
+    # The driver copies the bytes from the first element on.
+    values = np.ascontiguousarray(values)
     driver.host_to_device(target, values, values.nbytes, stream=stream)
 
 
@@ -1139,20 +1152,17 @@ def _launch(
         if skip or nonfinite is not None:
             _upload(flag, _FINITE, scratch.stream)
         stored = _empty_array(device, np.float64) if rates is None else rates
-        table, tables = _tables(plan, scratch)
+        table, groups = _tables(plan, scratch)
         if table is not None:
             _copy_addresses(plan, addresses, table, scratch.stream)
-        groups = [
-            (
-                group,
-                kernel_arrays(tuple(map(kernel_array, views[group.pairs[0]])))
+        if plan.strided:
+            # A strided group's kernels take its pair's arrays, this call's.
+            groups = [
+                (group, kernel_arrays(tuple(map(kernel_array, views[group.pairs[0]]))), *rest)
                 if arrays is None
-                else arrays,
-                reducing_launch(len(group.chunks), scratch.stream),
-                (_dispatch, _dispatch) if arrays is None else group.launchers,
-            )
-            for group, arrays in zip(plan.groups, tables, strict=True)
-        ]
+                else (group, arrays, *rest)
+                for group, arrays, *rest in groups
+            ]
         # With skip, every gradient's sums come before any update.
         for sums, updates in ((True, False), (False, update)) if skip else ((True, update),):
             for group, arrays, launch, (sums_launch, update_launch) in groups:

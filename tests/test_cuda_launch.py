@@ -174,7 +174,7 @@ def test_new_hyperparameters_and_arrays_reach_the_driver(launches, kernel):
 
 UPLOADS = textwrap.dedent(
     """
-    import json, sys
+    import ctypes, json, sys
     import numpy as np
     from numba.cuda.cudadrv import driver
     import lars_numba
@@ -183,7 +183,8 @@ UPLOADS = textwrap.dedent(
     uploads = []
 
     def recorded(dst, src, size, stream=0):
-        data = np.ascontiguousarray(src).view(np.uint8)[:size].tobytes().hex()
+        # What the driver reads: size bytes from the first element's address.
+        data = ctypes.string_at(src.ctypes.data, size).hex()
         uploads.append([driver.device_pointer(dst), data, size, repr(stream)])
 
     def taken():
@@ -258,7 +259,7 @@ DESCRIBED = textwrap.dedent(
     uploads = []
 
     def recorded(dst, src, size, stream=0):
-        data = np.ascontiguousarray(src).view(np.uint8)[:size].tobytes().hex()
+        data = ctypes.string_at(src.ctypes.data, size).hex()
         uploads.append([driver.device_pointer(dst), data, size])
 
     def run(call):

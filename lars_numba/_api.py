@@ -85,9 +85,13 @@ def on_gpu(array: object) -> bool:
 
     It is if it exposes ``__cuda_array_interface__`` or is one of Numba's own
     device arrays, which the CUDA simulator's are without the interface.
+    Where its type defines the interface, as CuPy's ``ndarray`` does with a
+    property, the type says so: reading the property makes CuPy's dictionary.
     """
-    return bool(getattr(array, "__cuda_ndarray__", False)) or hasattr(
-        array, "__cuda_array_interface__"
+    return (
+        bool(getattr(array, "__cuda_ndarray__", False))
+        or hasattr(type(array), "__cuda_array_interface__")
+        or hasattr(array, "__cuda_array_interface__")
     )
 
 

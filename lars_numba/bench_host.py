@@ -254,23 +254,27 @@ def _calls(ws: list, gs: list, vs: list) -> dict[str, Callable[[], object]]:
 
 
 class InterfaceArray:
-    """A device array known only by its ``__cuda_array_interface__``, as CuPy's
-    arrays are (version 3, on the legacy default stream), over the memory of a
-    Numba device array: what a call converts to a Numba device array first."""
+    """A device array known only by its ``__cuda_array_interface__``, over the
+    memory of a Numba device array, which makes its interface as CuPy's
+    ``ndarray`` does at every read (version 3, on the legacy default stream,
+    with the dtype's ``descr``): what a call reads from the interface, or
+    converts to a Numba device array, first."""
 
     def __init__(self, array) -> None:
-        self._interface = {
-            "shape": array.shape,
-            "strides": None,
-            "typestr": array.dtype.str,
-            "data": (array.device_ctypes_pointer.value, False),
-            "version": 3,
-            "stream": 1,
-        }
+        self.shape, self.dtype = array.shape, array.dtype
+        self.pointer = array.device_ctypes_pointer.value
 
     @property
     def __cuda_array_interface__(self) -> dict:
-        return dict(self._interface)  # CuPy's arrays make their dict at every read
+        return {
+            "shape": self.shape,
+            "typestr": self.dtype.str,
+            "descr": self.dtype.descr,
+            "stream": 1,
+            "version": 3,
+            "strides": None,
+            "data": (self.pointer, False),
+        }
 
 
 #: The two ways to launch that the table compares: the first is the call's.

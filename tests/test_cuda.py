@@ -296,6 +296,33 @@ def test_foreign_arrays_run_on_the_stream_of_their_interface(
     assert_matches_oracle(d_g.copy_to_host(), expected, np.float32)
 
 
+def test_each_call_reads_each_foreign_interface_once(foreign):
+    # CuPy makes its interface's dictionary at every read: a call reads it once
+    # per array, deciding by the array's type that it is a CUDA array.
+    reads = []
+
+    class Counted(foreign):
+        @property
+        def __cuda_array_interface__(self):
+            reads.append(self)
+            return super().__cuda_array_interface__
+
+    ws, gs, vs = ([Counted(cuda.to_device(GOOD)) for _ in range(3)] for _ in "wgv")
+    calls = {
+        "scale": lambda: lars_numba.scale(ws[0], gs[0]),
+        "trust_ratio": lambda: lars_numba.trust_ratio(ws[0], gs[0]),
+        "scale_all": lambda: lars_numba.scale_all(ws, gs),
+        "momentum_step": lambda: lars_numba.momentum_step(ws, gs, vs, lr=0.1),
+    }
+    for name, call in calls.items():
+        del reads[:]
+        call()
+        arrays = [ws[0], gs[0]] if name in ("scale", "trust_ratio") else ws + gs
+        if name == "momentum_step":
+            arrays += vs
+        assert sorted(map(id, reads)) == sorted(map(id, arrays)), name
+
+
 def test_a_read_only_foreign_g_is_refused_by_scale_only(foreign):
     d_w, d_g = cuda.to_device(GOOD), cuda.to_device(GOOD * 2)
     with pytest.raises(ValueError, match="g must be writeable; got a read-only array"):

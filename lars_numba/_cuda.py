@@ -674,6 +674,8 @@ class _Pointer(NamedTuple):
 
 
 class _Layout(NamedTuple):
+    """What :func:`_contiguous` reads of a :class:`Described` array's layout."""
+
     flags: dict
 
 
@@ -1079,13 +1081,13 @@ def _tables(plan: Plan, scratch: Scratch) -> tuple:
             columns = len(flat[0].likes)
             table = scratch.addresses[: plan.addresses].reshape(plan.addresses // columns, columns)
         entries = tuple(
-            (group, None, reducing_launch(len(group.chunks), scratch.stream), (_dispatch,) * 2)
-            if group.likes is None
-            else (
+            (
                 group,
-                (table[group.first : group.first + len(group.pairs)], group.likes),
+                None
+                if group.likes is None
+                else (table[group.first : group.first + len(group.pairs)], group.likes),
                 reducing_launch(len(group.chunks), scratch.stream),
-                group.launchers,
+                (_dispatch, _dispatch) if group.likes is None else group.launchers,
             )
             for group in plan.groups
         )

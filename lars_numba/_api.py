@@ -120,7 +120,7 @@ def _device_arrays(w, g, *, writes_g: bool, names: tuple[str, str] = ("w", "g"))
     gpu = _gpu_module()
     # An object that is no array at all is left for check_pair to name.
     (w_device, w_stream, _), (g_device, g_stream, g_read_only) = (
-        gpu.as_pair_array(a) if on_gpu(a) else (a, None, False) for a in (w, g)
+        gpu.as_device_array(a, describe=True) if on_gpu(a) else (a, None, False) for a in (w, g)
     )
     check_pair(w_device, g_device, writes_g=False, names=names)
     if writes_g and g_read_only:
@@ -263,14 +263,14 @@ _DTYPE, _SHAPE = attrgetter("dtype"), attrgetter("shape")
 
 
 def _device_column(gpu, arrays: list) -> tuple[list, list, list] | None:
-    """:func:`lars_numba._cuda.as_pair_array` of each of ``arrays``, as their lists
-    of device arrays, streams and read-only flags; None if one of them is not a
-    CUDA array."""
+    """:func:`lars_numba._cuda.as_device_array` of each of ``arrays``, described, as
+    their lists of device arrays, streams and read-only flags; None if one of
+    them is not a CUDA array."""
     if all(getattr(kind, "__cuda_ndarray__", False) for kind in set(map(type, arrays))):
         # Numba's own, which it passes through, told apart by their types.
         return arrays, [None] * len(arrays), [False] * len(arrays)
     try:  # an object that is not a CUDA array has no interface
-        converted = list(map(gpu.as_pair_array, arrays))
+        converted = [gpu.as_device_array(array, describe=True) for array in arrays]
     except AttributeError:
         return None
     return [c[0] for c in converted], [c[1] for c in converted], [c[2] for c in converted]
@@ -639,7 +639,7 @@ def _checked_momentum_devices(gpu, columns: dict[str, list]) -> tuple[dict, list
             label = f"{name}[{i}]"
             if not on_gpu(array):
                 _check_array(label, array)  # names the object that is no array
-            device, stream, read_only = gpu.as_pair_array(array)
+            device, stream, read_only = gpu.as_device_array(array, describe=True)
             if read_only and name != "gs":
                 _refuse_read_only(label)
             handles.append(stream)

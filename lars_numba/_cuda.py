@@ -68,6 +68,7 @@ import numpy as np
 from numba import cuda, float64, types, uint32
 from numba.cuda.core import config
 from numba.cuda.cudadrv import driver
+from numba.cuda.np.numpy_support import is_contiguous
 
 from . import _layout, _rule, tunables
 
@@ -583,35 +584,27 @@ else:
 # -- streams -------------------------------------------------------------------
 
 
-def as_device_array(array) -> tuple:
+def as_device_array(array, *, describe: bool = False) -> tuple:
     """``array`` as a Numba device array over the same memory, its interface's
     stream and whether its interface says it is read-only.
 
     No copy, no synchronization. Numba's own device arrays (the simulator's
     included) pass through, with no stream, writeable; any other object is
     read through its ``__cuda_array_interface__``, once, and its ``stream``
-    entry (``None`` when unset) comes back for :func:`caller_streams`.
+    entry (``None`` when unset) comes back for :func:`caller_streams`. With
+    ``describe`` (an array of a pair, which flat kernels reach by its
+    address), a :class:`Described` comes back in place of the conversion
+    where the interface allows one, unless the simulator is on (its device
+    arrays are host arrays).
     """
     if getattr(array, "__cuda_ndarray__", False):
         return array, None, False
     interface = array.__cuda_array_interface__
-    return from_interface(interface, array), interface.get("stream"), bool(interface["data"][1])
-
-
-def as_pair_array(array) -> tuple:
-    """What :func:`as_device_array` gives, for an array of a pair: a
-    :class:`Described` in place of the conversion where its interface says it
-    is C-contiguous, unmasked (and the simulator is off, whose device arrays
-    are host arrays)."""
-    if getattr(array, "__cuda_ndarray__", False):
-        return array, None, False
-    interface = array.__cuda_array_interface__
-    if config.ENABLE_CUDASIM or interface.get("mask") is not None:
-        device = from_interface(interface, array)
-    else:
+    device = None
+    if describe and not config.ENABLE_CUDASIM:
         device = Described.of(interface, array)
-        if device is None:
-            device = from_interface(interface, array)
+    if device is None:
+        device = from_interface(interface, array)
     return device, interface.get("stream"), bool(interface["data"][1])
 
 
@@ -643,17 +636,15 @@ class Described:
     @classmethod
     def of(cls, interface: dict, owner: object) -> Described | None:
         """``owner``, whose interface is ``interface``, described; None unless it is
-        C-contiguous."""
+        C-contiguous and unmasked."""
+        if interface.get("mask") is not None:
+            return None  # for numba-cuda's conversion to refuse
         shape = tuple(interface["shape"])
         dtype = _DTYPES.get(interface["typestr"]) or np.dtype(interface["typestr"])
-        size = math.prod(shape)
         strides = interface.get("strides")
-        if strides is not None and size > 1:
-            expected = dtype.itemsize
-            for extent, stride in zip(reversed(shape), reversed(strides), strict=True):
-                if extent > 1 and stride != expected:
-                    return None
-                expected *= extent
+        if strides is not None and not is_contiguous(shape, strides, dtype.itemsize):
+            return None
+        size = math.prod(shape)
         described = cls()
         described.__cuda_array_interface__ = interface
         described._owner = owner

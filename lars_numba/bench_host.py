@@ -9,10 +9,11 @@ addresses (:func:`lars_numba._cuda._views`), and the two
 launches as :class:`lars_numba._cuda.Launcher` makes them, on a device that
 numba-cuda is made to believe in (:func:`made_up_device`): typed, compiled
 by NVVM and packed as for a GPU, up to the driver's launch, which is
-recorded instead. Below the total, the same launches through numba-cuda's
-dispatcher, for comparison. What needs a GPU is left out: the driver's
-launches and copies, and the conversion of CuPy arrays to Numba's.
-Under the simulator (``NUMBA_ENABLE_CUDASIM=1``) it runs in a process of
+recorded instead. Below the stages' sum, the whole public call, up to the
+driver's calls (its launches, copies and events, which are all that is left
+out), on the stand-ins and on CuPy-like arrays over them
+(:class:`InterfaceArray`); then the same launches through numba-cuda's
+dispatcher, for comparison. Under the simulator (``NUMBA_ENABLE_CUDASIM=1``) it runs in a process of
 its own with the simulator off.
 The stages are timed in turn, round by round, as medians (see
 :func:`lars_numba.harness.interleaved`).
@@ -107,7 +108,6 @@ def made_up_device() -> Iterator[list]:
     stand_in = StandIns()
     launched: list = []
     kernels = (_cuda.sums_of_chunks, *_cuda.UPDATE_KERNELS.values())
-    ignored = lambda *args, **kwargs: None  # noqa: E731
     saved = [
         (dispatcher, "get_current_device", lambda: device),
         (cuda, "get_current_device", lambda: device),
@@ -128,8 +128,8 @@ def made_up_device() -> Iterator[list]:
         ),
         (cuda, "device_array", lambda shape, dtype=np.float64, stream=0: stand_in(shape, dtype)),
         (cuda, "to_device", lambda array, stream=0: stand_in(array.shape, array.dtype)),
-        (driver, "host_to_device", ignored),
-        (driver, "device_to_host", ignored),
+        (driver, "host_to_device", _ignored),
+        (driver, "device_to_host", _ignored),
         (cuda, "event", lambda timing=True: _RecordedEvent()),
         # What numba-cuda's conversion of an interface asks the driver.
         (api, "current_context", lambda: None),
@@ -219,11 +219,10 @@ def stages(shapes, dtype=np.float32) -> dict[str, dict[str, Callable[[], object]
         "scale_all": (list(zip(ws, gs, strict=True)), "scale"),
         "momentum_step": (list(zip(ws, gs, vs, strict=True)), "momentum"),
     }
-    ignored = lambda *args, **kwargs: None  # noqa: E731
     out = {}
     for name, (pairs_of_call, update) in pairs.items():
         out[name] = {
-            "checks (lars_numba._api)": lambda call=calls[name]: _without_launches(call, ignored),
+            "checks (lars_numba._api)": lambda call=calls[name]: _without_launches(call),
             "layout and addresses of the pairs": lambda pairs_of_call=pairs_of_call: _cuda._views(
                 pairs_of_call, None
             ),
@@ -292,8 +291,12 @@ def _dispatched(kernel, launch: tuple, arguments: tuple) -> None:
     kernel[launch](*arguments)
 
 
-def _without_launches(call: Callable[[], object], ignored: Callable) -> None:
-    """``call`` with what ``lars_numba._cuda`` does after the checks replaced by ``ignored``."""
+def _ignored(*args: object, **kwargs: object) -> None:
+    """Nothing, in place of a call that the table leaves out."""
+
+
+def _without_launches(call: Callable[[], object]) -> None:
+    """``call`` with what ``lars_numba._cuda`` does after the checks replaced by nothing."""
     from . import _cuda
 
     saved = {
@@ -302,7 +305,7 @@ def _without_launches(call: Callable[[], object], ignored: Callable) -> None:
     }
     try:
         for name in saved:
-            setattr(_cuda, name, ignored)
+            setattr(_cuda, name, _ignored)
         call()
     finally:
         for name, value in saved.items():

@@ -335,7 +335,7 @@ DESCRIBED = textwrap.dedent(
         explicit.interface["strides"] = (120, 24, 4)  # C order, (4, 5, 6) float32
         row.interface["strides"] = (999, 4)  # (1, 7): the first stride is never taken
         out["described"] = [
-            type(_cuda.as_pair_array(array)[0]).__name__
+            type(_cuda.as_device_array(array, describe=True)[0]).__name__
             for array in (
                 Foreign(ws[3]), Foreign(models["F-order"][0][0]), Foreign(ws[0]), explicit, row
             )

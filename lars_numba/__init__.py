@@ -293,7 +293,9 @@ def momentum_step(
     in Chainer's ``MomentumSGD`` convention (with ``v = 0`` at the start the
     same steps as timm's and optax's momentum). Every value is computed in
     float64 from the arrays' values and rounded once to the dtype of the
-    array it is written to; ``gs[i]`` is only read. The rates are those of
+    array it is written to, but for ``ws[i]`` of a pair with a master, which
+    is the new master as stored, rounded to ``ws[i]``'s dtype (as Chainer's
+    ``use_fp32_update`` copies it); ``gs[i]`` is only read. The rates are those of
     :func:`scale_all` on ``W`` and ``G``, bit for bit, whatever the thread
     count and the other pairs of the call.
 
@@ -338,8 +340,8 @@ def momentum_step(
     masters : sequence of numpy.ndarray or None, optional
         One entry per pair, ``None`` or float32 weights of the shape of
         ``ws[i]`` (the master copy of float16 weights) that the rule reads and
-        the step updates; ``ws[i]`` is then written as their rounding, in the
-        same pass.
+        the step updates; ``ws[i]`` is then written as the new master's
+        rounding, ``masters[i].astype(ws[i].dtype)``, in the same pass.
     rates : numpy.ndarray, optional
         A float64 array of one entry per pair that receives each pair's rate
         (left as it was when the step is skipped).

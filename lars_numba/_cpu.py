@@ -176,6 +176,18 @@ def _store(value, array):
     return lambda value, array: value
 
 
+def copy_rounded(value, array):
+    """The float32 ``value`` (a master's element, as stored) rounded once to what
+    ``array`` holds, ready to assign."""
+
+
+@overload(copy_rounded, inline="always")
+def _copy_rounded(value, array):
+    if array.dtype == types.uint16:
+        return lambda value, array: single_to_half_bits(value)
+    return lambda value, array: value
+
+
 # -- the rule, compiled --------------------------------------------------------
 
 rate_from_sums = njit(inline="always", **OPTIONS)(_rule.rate_from_sums)
@@ -456,14 +468,21 @@ def _update_chunk(arrays, rate, hyper, update):
         return None  # Numba asks again with the constant's value
     number = update.literal_value
     shape = _UPDATE_SHAPES[number]
-    stored = [(k, k) for k, written in enumerate(shape.written) if written]
-    if shape.rounded_copy:
-        stored.append((len(shape.written), 0))
     stores = "".join(
-        f"        arrays[{k}][i] = store(values[{value}], arrays[{k}])\n" for k, value in stored
+        f"        arrays[{k}][i] = store(values[{k}], arrays[{k}])\n"
+        for k, written in enumerate(shape.written)
+        if written
     )
+    if shape.rounded_copy:  # from the master as stored, not from its float64 value
+        copy = len(shape.written)
+        stores += f"        arrays[{copy}][i] = copy_rounded(arrays[0][i], arrays[{copy}])\n"
     loads = ", ".join(f"load(arrays[{k}][i])" for k in range(len(shape.written)))
-    namespace = {"function": _UPDATES[number], "load": load, "store": store}
+    namespace = {
+        "function": _UPDATES[number],
+        "load": load,
+        "store": store,
+        "copy_rounded": copy_rounded,
+    }
     exec(
         "def apply(arrays, rate, hyper, update):\n"
         "    for i in range(arrays[0].shape[0]):\n"

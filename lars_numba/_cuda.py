@@ -65,7 +65,7 @@ from operator import attrgetter, itemgetter, not_, or_
 from typing import NamedTuple
 
 import numpy as np
-from numba import cuda, float64, types, uint32
+from numba import cuda, float32, float64, types, uint32
 from numba.cuda.core import config
 from numba.cuda.cudadrv import driver
 from numba.cuda.np.numpy_support import is_contiguous
@@ -434,8 +434,8 @@ def _step_kernel(update: int):
                     g[index] = values[1]
                 if written[2]:
                     v[index] = values[2]
-                if rounded_copy:
-                    copy[index] = values[0]
+                if rounded_copy:  # the float32 master as stored, rounded to float16
+                    copy[index] = float32(values[0])
 
     return step_chunks
 

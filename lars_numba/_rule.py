@@ -206,7 +206,8 @@ class Update(NamedTuple):
     function: object  #: ``function(rate, hyper, *values) -> values``, one value per array
     written: tuple[bool, ...]  #: which of the arrays it writes, in order
     #: Whether the pair has one array more, after the function's, which receives
-    #: the first array's new value too: a float16 parameter of a float32 master.
+    #: the first array's new value as stored, rounded to its own dtype: a float16
+    #: parameter of a float32 master, as Chainer's ``use_fp32_update`` copies it.
     rounded_copy: bool = False
 
     @property

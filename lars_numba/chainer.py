@@ -520,8 +520,8 @@ class LARS(chainer.optimizer.GradientMethod):
     multi-node optimizer work as for Chainer's optimizers. Under
     :meth:`~chainer.optimizer.GradientMethod.use_fp32_update`, a float16
     parameter keeps a float32 master and a float32 velocity; the step reads
-    its float16 gradient, updates the master and writes the parameter in
-    the same pass. Under
+    its float16 gradient, updates the master and writes the parameter, the
+    master's rounding as Chainer copies it, in the same pass. Under
     :meth:`~chainer.optimizer.GradientMethod.loss_scaling`, the gradients
     are unscaled inside the step, and under dynamic loss scaling the pass
     that takes the norms also finds non-finite gradients: the whole step is

@@ -826,6 +826,30 @@ def test_fp32_update_keeps_a_float32_master_that_follows_the_oracle(denominator)
     assert not np.array_equal(master, master.astype(np.float16).astype(np.float32))
 
 
+def test_fp32_update_writes_the_masters_rounding_as_chainer_does():
+    # The new master 1 + 2**-11 (v = lr = 2**-11 + 2**-40 rounded to float32) is
+    # half-way between two float16s: its rounding is 1 (to even), which Chainer's
+    # use_fp32_update writes; the float64 value 1 + 2**-11 + 2**-40 would round
+    # to 1 + 2**-10, a parameter that is not its master's rounding.
+    lr = 2.0**-11 + 2.0**-40
+    runs = []
+    chainers_sgd = chainer.optimizers.MomentumSGD(lr=lr, momentum=0.0)
+    for opt in (LARS(lr=lr, momentum=0.0, exclude="*"), chainers_sgd):
+        model = chainer.Chain()
+        with model.init_scope():
+            model.w = chainer.Parameter(np.ones(3, np.float16))
+        opt.setup(model)
+        opt.use_fp32_update()
+        model.w.grad = np.full(3, -1.0, np.float16)
+        opt.update()
+        runs.append((model.w.array, model.w.update_rule._fp32_param.array))
+    (w, master), (chainer_w, chainer_master) = runs
+    np.testing.assert_array_equal(master, np.full(3, 1 + 2.0**-11, np.float32), strict=True)
+    np.testing.assert_array_equal(w, np.ones(3, np.float16), strict=True)
+    np.testing.assert_array_equal(master, chainer_master, strict=True)
+    np.testing.assert_array_equal(w, chainer_w, strict=True)
+
+
 # -- 7. loss scaling --------------------------------------------------------------------
 
 

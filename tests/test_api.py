@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import assert_matches_oracle
+from conftest import assert_matches_oracle, update_terms
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -72,15 +72,32 @@ def laid_pairs(draw):
 @given(pair=laid_pairs(), hyper=hyperparameters)
 def test_scale_and_trust_ratio_match_the_oracle_on_any_layout(pair, hyper, oracle):
     w, g = (laid.array for laid in pair)
-    w_before, outside_before = w.copy(), pair[1].outside()
+    w_before, g_before, outside_before = w.copy(), g.copy(), pair[1].outside()
     rate, expected = oracle(w, g, **hyper)
 
     assert lars_numba.trust_ratio(w, g, **hyper) == pytest.approx(rate, rel=1e-12, nan_ok=True)
     assert lars_numba.scale(w, g, **hyper) is g
 
-    assert_matches_oracle(g, expected, w.dtype)
+    terms = update_terms(w, g_before, rate, hyper["weight_decay"])
+    assert_matches_oracle(g, expected, w.dtype, terms)
     np.testing.assert_array_equal(w, w_before)
     np.testing.assert_array_equal(pair[1].outside(), outside_before)
+
+
+def test_an_update_that_cancels_matches_the_oracle_to_ulps_of_its_terms(oracle):
+    # g is weight_decay * w rounded, negated: the oracle, which rounds the
+    # product, gives 0; a fused multiply-add (the kernels' 'contract') gives the
+    # product's rounding error, 6.8e-17 after the rate. Both are within an ulp
+    # of the terms, which is all that a float64 oracle can tell.
+    w, g = np.array(3.0), np.array(-(1e-4 * 3.0))
+    rate, expected = oracle(w, g, threshold=0.0, weight_decay=1e-4, eps=0.0)
+    assert rate == pytest.approx(5000.0) and expected == 0.0
+    terms = update_terms(w, g, rate, 1e-4)
+    lars_numba.scale(w, g, threshold=0.0, weight_decay=1e-4, eps=0.0)
+    assert abs(float(g)) <= 1e-16
+    assert_matches_oracle(g, expected, w.dtype, terms)
+    with pytest.raises(AssertionError):  # the tolerance is that of the terms
+        assert_matches_oracle(np.array(1e-14), expected, w.dtype, terms)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import assert_matches_oracle
+from conftest import assert_matches_oracle, update_terms
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_api import DTYPES, hyperparameters, laid_pairs, run_on_layer
@@ -37,21 +37,22 @@ def test_equals_scale_on_each_pair(pairs, hyper, data, oracle):
     for w, g, decay, adapt in zip(ws, gs, decays, adapts, strict=True):
         rule = masked_hyper(hyper, decay, adapt)
         rate, scaled = oracle(w, g, **rule)
+        terms = update_terms(w, g, rate, rule["weight_decay"])
         if adapt:  # scale refuses an infinite threshold; the oracle takes it
             reference = g.copy()
             lars_numba.scale(w, reference, **rule)
         else:
             reference = None
-        expected.append((rate, scaled, reference))
+        expected.append((rate, scaled, terms, reference))
     rates = np.full(len(pairs), -1.0)
 
     lars_numba.scale_all(
         ws, gs, **hyper, weight_decay_mask=decays, trust_ratio_mask=adapts, rates=rates
     )
 
-    for i, (rate, scaled, reference) in enumerate(expected):
+    for i, (rate, scaled, terms, reference) in enumerate(expected):
         assert rates[i] == pytest.approx(rate, rel=1e-12, nan_ok=True)
-        assert_matches_oracle(gs[i], scaled, gs[i].dtype)
+        assert_matches_oracle(gs[i], scaled, gs[i].dtype, terms)
         if reference is not None:  # the same loops, maybe summed in another order
             assert_matches_oracle(gs[i], reference, gs[i].dtype)
         np.testing.assert_array_equal(ws[i], ws_before[i])

@@ -796,6 +796,22 @@ def test_the_plan_cache_keeps_the_most_recent_plans(monkeypatch):
         )
     assert len(_cuda._plans) == tunables.PLANS_KEPT
     assert [key[4][0][1] for key in _cuda._plans] == list(range(3, tunables.PLANS_KEPT + 3))
+    # A plan used again becomes the newest; the newest, used again, stays so
+    # (found without a lookup), and each call takes its own plan.
+    newest = tunables.PLANS_KEPT + 2
+    for size in (4, 4, newest, 4):
+        _cuda.scale_all(
+            [arrays[size - 1]],
+            [arrays[size - 1]],
+            ENGINE_HYPER,
+            np.ones((1, 2), np.uint8),
+            None,
+            _cuda.Streams(0, ()),
+        )
+        key, plan = next(reversed(_cuda._plans.items()))
+        assert key[4][0][1] == size
+        assert plan.groups[0].chunks.copy_to_host()[-1, 2] == size  # its last chunk's end
+    assert [key[4][0][1] for key in _cuda._plans] == [3, *range(5, newest + 1), 4]
 
 
 def test_scale_all_runs_on_the_stream_it_is_given(caller_stream, scratch_handles, oracle):

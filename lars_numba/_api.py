@@ -26,6 +26,9 @@ from ._rule import HYPERPARAMETERS, Hyperparameters, hyperparameters
 __all__ = ["HYPERPARAMETERS", "Hyperparameters", "hyperparameters"]
 
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+#: The same, for membership: a dtype's hash and one comparison, where the tuple
+#: compares it with each dtype before its own, at about 40 ns a comparison.
+_IS_FLOAT_DTYPE = frozenset(_FLOAT_DTYPES).__contains__
 
 
 def _check_array(name: str, array: object) -> None:
@@ -243,7 +246,7 @@ def _device_pairs(gpu, ws: list, gs: list) -> tuple[list, list, list]:
         (w_devices, w_streams, _), (g_devices, g_streams, g_read_only) = w_column, g_column
         w_dtypes = list(map(_DTYPE, w_devices))
         if (
-            all(map(_FLOAT_DTYPES.__contains__, w_dtypes))
+            all(map(_IS_FLOAT_DTYPE, w_dtypes))
             and list(map(_DTYPE, g_devices)) == w_dtypes
             and list(map(_SHAPE, g_devices)) == list(map(_SHAPE, w_devices))
             and not any(g_read_only)
@@ -590,9 +593,7 @@ def _momentum_devices(gpu, columns: dict[str, list]) -> tuple[dict, list] | None
         if column is None:
             return None
         devices, streams, read_only = column
-        if (name != "gs" and any(read_only)) or not all(
-            map(_FLOAT_DTYPES.__contains__, map(_DTYPE, devices))
-        ):
+        if (name != "gs" and any(read_only)) or not all(map(_IS_FLOAT_DTYPE, map(_DTYPE, devices))):
             return None
         handles += streams
         on_device[name] = list(devices)

@@ -34,7 +34,7 @@ _IS_FLOAT_DTYPE = frozenset(_FLOAT_DTYPES).__contains__
 def _check_array(name: str, array: object) -> None:
     if not accepts(array):
         raise TypeError(f"{name} must be a NumPy or CUDA array; got {type(array).__name__}")
-    if array.dtype not in _FLOAT_DTYPES:
+    if not _IS_FLOAT_DTYPE(array.dtype):
         raise TypeError(
             f"{name} must have dtype float16, float32 or float64 in native byte order; "
             f"got {array.dtype}"
@@ -51,7 +51,7 @@ def plain_pair(w: object, g: object) -> bool:
     return (
         type(w) is np.ndarray
         and type(g) is np.ndarray
-        and w.dtype in _FLOAT_DTYPES
+        and _IS_FLOAT_DTYPE(w.dtype)
         and g.dtype == w.dtype
         and g.shape == w.shape
         and g.flags.writeable

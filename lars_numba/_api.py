@@ -273,10 +273,9 @@ def _device_column(gpu, arrays: list) -> tuple[list, list, list] | None:
         # Numba's own, which it passes through, told apart by their types.
         return arrays, [None] * len(arrays), [False] * len(arrays)
     try:  # an object that is not a CUDA array has no interface
-        converted = [gpu.as_device_array(array, describe=True) for array in arrays]
+        return gpu.as_device_arrays(arrays, describe=True)
     except AttributeError:
         return None
-    return [c[0] for c in converted], [c[1] for c in converted], [c[2] for c in converted]
 
 
 def _refuse_both_kinds(

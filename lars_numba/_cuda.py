@@ -597,15 +597,31 @@ def as_device_array(array, *, describe: bool = False) -> tuple:
     where the interface allows one, unless the simulator is on (its device
     arrays are host arrays).
     """
-    if getattr(array, "__cuda_ndarray__", False):
-        return array, None, False
-    interface = array.__cuda_array_interface__
-    device = None
-    if describe and not config.ENABLE_CUDASIM:
-        device = Described.of(interface, array)
-    if device is None:
-        device = from_interface(interface, array)
-    return device, interface.get("stream"), bool(interface["data"][1])
+    (device,), (stream,), (read_only,) = as_device_arrays([array], describe=describe)
+    return device, stream, read_only
+
+
+def as_device_arrays(arrays: list, *, describe: bool = False) -> tuple[list, list, list]:
+    """:func:`as_device_array` of each of ``arrays``: their device arrays, their
+    interfaces' streams and whether each is read-only, as three lists (a loop
+    of its own: a call per array costs a CuPy array's description a third
+    more)."""
+    describing = describe and not config.ENABLE_CUDASIM
+    devices, streams, read_only = [], [], []
+    for array in arrays:
+        if getattr(array, "__cuda_ndarray__", False):
+            devices.append(array)
+            streams.append(None)
+            read_only.append(False)
+            continue
+        interface = array.__cuda_array_interface__
+        device = Described.of(interface, array) if describing else None
+        if device is None:
+            device = from_interface(interface, array)
+        devices.append(device)
+        streams.append(interface.get("stream"))
+        read_only.append(bool(interface["data"][1]))
+    return devices, streams, read_only
 
 
 class Described:
@@ -626,8 +642,8 @@ class Described:
         "__cuda_array_interface__",
         "_dummy",
         "_owner",
+        "device_pointer",
         "dtype",
-        "gpu_data",
         "nbytes",
         "shape",
         "size",
@@ -654,14 +670,15 @@ class Described:
         described._dummy = (
             _C_AND_F if len(shape) - shape.count(1) - shape.count(0) <= 1 else _C_ONLY
         )
-        described.gpu_data = _Pointer(interface["data"][0])
+        described.device_pointer = interface["data"][0]
         return described
 
-
-class _Pointer(NamedTuple):
-    """What :func:`device_addresses` reads of a :class:`Described` array's memory."""
-
-    device_pointer: int
+    @property
+    def gpu_data(self) -> Described:
+        """What holds the address that :func:`device_addresses` reads, as a Numba
+        device array's memory does: the array itself, which saves making an
+        object per array and call."""
+        return self
 
 
 class _Layout(NamedTuple):

@@ -603,9 +603,9 @@ def as_device_array(array, *, describe: bool = False) -> tuple:
 
 def as_device_arrays(arrays: list, *, describe: bool = False) -> tuple[list, list, list]:
     """:func:`as_device_array` of each of ``arrays``: their device arrays, their
-    interfaces' streams and whether each is read-only, as three lists (a loop
-    of its own: a call per array costs a CuPy array's description a third
-    more)."""
+    interfaces' streams and whether each is read-only, as three lists, in one
+    loop rather than a call per array whose results are then unzipped, which a
+    column of CuPy arrays would pay for at every call."""
     describing = describe and not config.ENABLE_CUDASIM
     devices, streams, read_only = [], [], []
     for array in arrays:

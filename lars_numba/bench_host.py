@@ -13,9 +13,9 @@ recorded instead. Below the stages' sum, the whole public call, up to the
 driver's calls (its launches, copies and events, which are all that is left
 out), on the stand-ins and on CuPy-like arrays over them
 (:class:`InterfaceArray`); then the same launches through numba-cuda's
-dispatcher, for comparison. Under the simulator (``NUMBA_ENABLE_CUDASIM=1``) it runs in a process of
-its own with the simulator off.
-The stages are timed in turn, round by round, as medians (see
+dispatcher, for comparison. Under the simulator (``NUMBA_ENABLE_CUDASIM=1``)
+it runs in a process of its own with the simulator off. The stages are timed
+in turn, round by round, as medians (see
 :func:`lars_numba.harness.interleaved`).
 """
 
